@@ -1,0 +1,3 @@
+from traduire.cli import main
+
+main()

