@@ -90,6 +90,154 @@ def train(
                  f"{state.best_valid_loss:.3f}; checkpoints in {run_dir / 'checkpoints'}")
 
 
+# --- translate and eval -------------------------------------------------------------------------
+
+Beam = Annotated[int, typer.Option(help="Beam size; 1 is greedy search.")]
+Nbest = Annotated[int, typer.Option(help="Hypotheses to output per sentence (<= beam).")]
+Lenpen = Annotated[float, typer.Option(help="Length penalty exponent alpha of "
+                                       "((5+|y|)/6)^alpha; 0 ranks by log-probability alone.")]
+MaxLenA = Annotated[float, typer.Option("--max-len-a", help="Output limit: a * source length + b.")]
+MaxLenB = Annotated[int, typer.Option("--max-len-b", help="Output limit: a * source length + b.")]
+BatchTokens = Annotated[int, typer.Option(help="Source tokens per batch.")]
+BatchSize = Annotated[int, typer.Option(help="Sentences per batch (0: limited by tokens only).")]
+Checkpoint = Annotated[Path | None, typer.Option(
+    help="Checkpoint to use instead of the run's best.pt.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+Sample = Annotated[str | None, typer.Option(
+    help="Sample instead of searching: topk:K or topp:P.")]
+Seed = Annotated[int, typer.Option(help="Random seed for --sample.")]
+
+
+def _decode_options(beam, nbest, lenpen, max_len_a, max_len_b, batch_tokens, batch_size,
+                    sample, seed):
+    from traduire.translate import DecodeOptions
+
+    return DecodeOptions(beam=beam, nbest=nbest, lenpen=lenpen, max_len_a=max_len_a,
+                         max_len_b=max_len_b, batch_tokens=batch_tokens, batch_size=batch_size,
+                         sample=sample, seed=seed)
+
+
+@command
+def translate(
+    input: Annotated[str, typer.Argument(help="Text file, one sentence per line; '-' for stdin.")],
+    run_dir: RunDir,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Output file (default: stdout).")] = None,
+    checkpoint: Checkpoint = None,
+    device: Device = "auto",
+    beam: Beam = 5,
+    nbest: Nbest = 1,
+    lenpen: Lenpen = 1.0,
+    max_len_a: MaxLenA = 1.2,
+    max_len_b: MaxLenB = 10,
+    batch_tokens: BatchTokens = 4000,
+    batch_size: BatchSize = 0,
+    sample: Sample = None,
+    seed: Seed = 0,
+    format: Annotated[str, typer.Option(
+        "--format", "-f", help="text (best translation per line; with --nbest, the n-best "
+        "separated by ' ||| ') or jsonl (source, n-best, scores, probabilities).")] = "text",
+    show_probs: Annotated[bool, typer.Option(
+        "--show-probs", help="Print a table of candidates and their probabilities on stderr.")]
+        = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Translate a text file: exactly one output line per input line, in input order."""
+    from traduire.translate import Translator, translate_file
+
+    if format not in ("text", "jsonl"):
+        raise TraduireError(f"--format {format!r}: expected text or jsonl")
+    options = _decode_options(beam, nbest, lenpen, max_len_a, max_len_b, batch_tokens,
+                              batch_size, sample, seed)
+    translator = Translator.load(run_dir, checkpoint, device)
+    stats = translate_file(translator, input, output, options, format=format,
+                           show_probs=show_probs, progress=not quiet)
+    stderr.print(f"translated {stats['sentences']:,} lines in {stats['seconds']:.1f}s "
+                 f"({stats['sentences_per_s']:.1f} sentences/s, "
+                 f"{stats['tokens_per_s']:.0f} tokens/s)")
+
+
+@command
+def eval(
+    ref: Annotated[Path, typer.Option("--ref", help="Reference translations, one per line.")],
+    hyp: Annotated[Path | None, typer.Option(
+        "--hyp", help="Translations to score (or give --run-dir and --src to translate).")]
+        = None,
+    src: Annotated[Path | None, typer.Option("--src", help="Source text to translate.")]
+        = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", "-r")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Also save the translations here (with --src).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    ter: Annotated[bool, typer.Option("--ter", help="Also compute TER.")] = False,
+    checkpoint: Checkpoint = None,
+    device: Device = "auto",
+    beam: Beam = 5,
+    lenpen: Lenpen = 1.0,
+    max_len_a: MaxLenA = 1.2,
+    max_len_b: MaxLenB = 10,
+    batch_tokens: BatchTokens = 4000,
+    batch_size: BatchSize = 0,
+) -> None:
+    """Score translations with sacreBLEU (BLEU, chrF): an existing --hyp file, or translate
+    --src with a run first."""
+    import json
+
+    from traduire.evaluate import check_aligned, read_text, score
+    from traduire.translate import Translator, translate_file
+
+    references = read_text(ref)
+    speed = None
+    if hyp is not None:
+        hypotheses = read_text(hyp)
+        check_aligned(hyp, hypotheses, ref, references)
+    elif src is not None and run_dir is not None:
+        sources = read_text(src)
+        check_aligned(src, sources, ref, references)
+        options = _decode_options(beam, 1, lenpen, max_len_a, max_len_b, batch_tokens,
+                                  batch_size, None, 0)
+        translator = Translator.load(run_dir, checkpoint, device)
+        hypotheses = []
+        speed = translate_file(translator, str(src), output, options, collect=hypotheses,
+                               progress=not json_)
+    else:
+        raise TraduireError("give --hyp FILE, or --run-dir DIR with --src FILE")
+    result = score(hypotheses, references, ter=ter)
+    if speed is not None:
+        result["speed"] = speed
+    if json_:
+        print(json.dumps(result, ensure_ascii=False))
+        return
+    print(result["bleu_detail"].replace("BLEU", "BLEU", 1))
+    print(f"chrF2 = {result['chrf']:.2f}")
+    if ter:
+        print(f"TER = {result['ter']:.2f}")
+    for name, signature in result["signature"].items():
+        print(f"{name} signature: {signature}")
+    if speed is not None:
+        print(f"decoding: {speed['sentences_per_s']:.1f} sentences/s, "
+              f"{speed['tokens_per_s']:.0f} target tokens/s ({speed['seconds']:.1f}s)")
+
+
+@command
+def average(
+    run_dir: RunDir,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the average.")],
+    last: Annotated[int, typer.Option(help="Average the newest N periodic checkpoints.")] = 5,
+) -> None:
+    """Average the weights of the last N checkpoints (usually a little better than any one)."""
+    from traduire.checkpoint import average_checkpoints, save_checkpoint, step_checkpoints
+
+    paths = step_checkpoints(run_dir / "checkpoints")[-last:]
+    if len(paths) < 1:
+        raise TraduireError(f"{run_dir / 'checkpoints'}: no checkpoints to average")
+    state = average_checkpoints(paths)
+    state.pop("format_version", None)
+    save_checkpoint(output, state)
+    stderr.print(f"averaged {len(paths)} checkpoints ({paths[0].name} .. {paths[-1].name}) "
+                 f"into {output}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s",
                         stream=sys.stderr)

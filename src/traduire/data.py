@@ -31,7 +31,8 @@ datasets.disable_progress_bars()
 
 
 def load_corpus(cfg: DataConfig, cache_dir: Path) -> dict[str, datasets.Dataset]:
-    """Load the raw train and valid splits as datasets with string columns `src` and `tgt`."""
+    """Load the raw splits as datasets with string columns `src` and `tgt`: train and valid,
+    and test where the source defines one (bible)."""
     if cfg.source == "files":
         return {split: _load_files(cfg, prefix, cache_dir)
                 for split, prefix in (("train", cfg.train_prefix), ("valid", cfg.valid_prefix))}
@@ -119,7 +120,7 @@ def _load_bible(cfg: DataConfig) -> dict[str, datasets.Dataset]:
         raise DataError(str(e)) from None
     return {name: datasets.Dataset.from_dict({"src": [s for s, _ in pairs],
                                               "tgt": [t for _, t in pairs]})
-            for name, pairs in splits.items() if name in ("train", "valid")}
+            for name, pairs in splits.items()}
 
 
 def _require_file(path: Path) -> None:
@@ -270,8 +271,11 @@ def collate(src_ids: list[list[int]], tgt_ids: list[list[int]], *, pad: int, bos
 
 
 def pad_sequences(sequences: list[list[int]], pad: int) -> torch.Tensor:
-    longest = max((len(s) for s in sequences), default=0)
-    out = torch.full((len(sequences), longest), pad, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        out[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return out
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    out = np.full((len(sequences), int(lengths.max(initial=0))), pad, dtype=np.int64)
+    # One vectorised scatter instead of a tensor copy per sentence.
+    rows = np.repeat(np.arange(len(sequences)), lengths)
+    cols = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, cols] = np.fromiter((t for s in sequences for t in s), dtype=np.int64,
+                                  count=int(lengths.sum()))
+    return torch.from_numpy(out)

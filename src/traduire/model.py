@@ -31,6 +31,7 @@ class TransformerShape:
     decoder_layers: int = 6
     dropout: float = 0.1
     attention_dropout: float = 0.0
+    activation_dropout: float = 0.0  # inside the feed-forward network, after the activation
     activation: str = "relu"
     norm: str = "pre"  # "pre" (LayerNorm before each sublayer) or "post" (as in the paper)
     max_positions: int = 1024
@@ -171,6 +172,7 @@ class PositionwiseFeedForward(nn.Module):
     """FFN(x) = W2 act(W1 x + b1) + b2, applied to each position alone (section 3.3)."""
 
     def __init__(self, d_model: int, ffn_dim: int, dropout: float, activation: str) -> None:
+        # dropout here is the *activation* dropout; the sublayer's output dropout is separate.
         super().__init__()
         self.linear1 = nn.Linear(d_model, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, d_model)
@@ -208,8 +210,8 @@ class EncoderLayer(nn.Module):
         pre = shape.norm == "pre"
         self.self_attn = MultiHeadAttention(shape.d_model, shape.heads, shape.attention_dropout,
                                             cross=False)
-        self.ffn = PositionwiseFeedForward(shape.d_model, shape.ffn_dim, shape.dropout,
-                                           shape.activation)
+        self.ffn = PositionwiseFeedForward(shape.d_model, shape.ffn_dim,
+                                           shape.activation_dropout, shape.activation)
         self.attn_block = Sublayer(shape.d_model, shape.dropout, pre)
         self.ffn_block = Sublayer(shape.d_model, shape.dropout, pre)
 
@@ -231,7 +233,8 @@ class DecoderLayer(nn.Module):
         d, h, p = shape.d_model, shape.heads, shape.attention_dropout
         self.self_attn = MultiHeadAttention(d, h, p, cross=False)
         self.cross_attn = MultiHeadAttention(d, h, p, cross=True)
-        self.ffn = PositionwiseFeedForward(d, shape.ffn_dim, shape.dropout, shape.activation)
+        self.ffn = PositionwiseFeedForward(d, shape.ffn_dim, shape.activation_dropout,
+                                           shape.activation)
         self.self_block = Sublayer(d, shape.dropout, pre)
         self.cross_block = Sublayer(d, shape.dropout, pre)
         self.ffn_block = Sublayer(d, shape.dropout, pre)

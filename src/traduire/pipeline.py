@@ -9,7 +9,8 @@ Run directory layout:
   config.yaml             the resolved config of the latest run
   run.json                format version of the directory
   stages/<stage>.json     settings each stage was run with
-  data/{train,valid}      cleaned text pairs (Arrow), data/report.json: what was dropped and why
+  data/{train,valid}      cleaned text pairs (Arrow), data/report.json: what was dropped and why;
+                          data/test.<lang>: held-out test text where the source has a test split
   tokenizer/spm.model     SentencePiece model(s)
   encoded/{train,valid}   token ids (Arrow)
   checkpoints/step_N.pt   periodic checkpoints; best.pt: best validation loss
@@ -122,6 +123,10 @@ def prepare_data(config: Config, run_dir: Path) -> None:
                 raise DataError(f"the training corpus is empty after cleaning "
                                 f"({len(pairs)} pairs read; dropped: {dropped or 'none'})")
             kept.save_to_disk(str(out / split))
+            if split == "test":  # held-out text for `traduire eval`, as plain aligned files
+                for column, lang in (("src", config.data.src_lang), ("tgt", config.data.tgt_lang)):
+                    atomic_write_text(out / f"test.{lang}", "".join(f"{line}\n"
+                                                                     for line in kept[column]))
             report[split] = {"read": len(pairs), "kept": len(kept), "dropped": dropped}
             console.print(f"  {split}: {len(pairs):,} pairs read, {len(kept):,} kept"
                           + "".join(f", {n:,} {why}" for why, n in sorted(dropped.items())))

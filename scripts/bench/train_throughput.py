@@ -1,0 +1,92 @@
+"""Steady-state training throughput of traduire on the benchmark config.
+
+Prepares the data and tokenizer stages once (in --run-dir), then times optimizer steps after a
+warm-up, with a fixed seed, and prints one JSON line of results plus a table.
+
+    python scripts/bench/train_throughput.py --steps 40 --warmup 10 --threads 2
+    python scripts/bench/train_throughput.py --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import datasets
+import torch
+
+from traduire.config import load_config, replace
+from traduire.data import EncodedCorpus
+from traduire.pipeline import prepare_data, prepare_tokenizer
+from traduire.tokenizer import Tokenizer
+from traduire.train import Trainer
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/multi30k-en-fr.yaml")
+    parser.add_argument("--run-dir", default="runs/bench-train")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--set", action="append", default=[], help="config override")
+    args = parser.parse_args()
+
+    config = load_config(args.config, args.set)
+    config = replace(config, train={"precision": args.precision, "threads": args.threads,
+                                    "progress": False})
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data(config, run_dir)
+    prepare_tokenizer(config, run_dir)
+    tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    train = EncodedCorpus(datasets.load_from_disk(str(run_dir / "encoded" / "train")),
+                          max_len=config.train.max_len)
+    trainer = Trainer(config, run_dir, tokenizer, train, train)
+    if args.compile:
+        trainer.net = torch.compile(trainer.net)
+    batches = trainer._epoch_batches()
+    src = tgt = 0.0
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            start = time.perf_counter()
+        stats = trainer._train_step(batches[i % len(batches)])
+        if i >= args.warmup:
+            src += stats["src_tokens"]
+            tgt += stats["tgt_tokens"]
+    seconds = time.perf_counter() - start
+    result = {
+        "benchmark": "train_throughput", "precision": args.precision, "threads": args.threads,
+        "compile": args.compile, "steps": args.steps, "seconds": round(seconds, 2),
+        "src_tgt_tokens_per_s": round((src + tgt) / seconds, 1),
+        "tgt_tokens_per_s": round(tgt / seconds, 1),
+        "steps_per_s": round(args.steps / seconds, 3),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "torch": torch.__version__, "cpu": cpu_model(),
+    }
+    print(json.dumps(result))
+    print(f"{'source+target tokens/s':<24}{result['src_tgt_tokens_per_s']:>12,.0f}")
+    print(f"{'target tokens/s':<24}{result['tgt_tokens_per_s']:>12,.0f}")
+    print(f"{'steps/s':<24}{result['steps_per_s']:>12.3f}")
+    print(f"{'peak RSS (MiB)':<24}{result['peak_rss_mib']:>12,.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Decoding for the encoder-decoder Transformer: beam search, greedy search and sampling.
+
+All three encode the source batch once and then extend every live hypothesis by one token per
+step, feeding only that token through the decoder's key/value cache. Hypotheses that end leave
+the batch (the cache is reordered to the remaining rows), so the work shrinks as they finish.
+
+Log-probabilities are always the model's own: pad and BOS are forbidden by setting their
+log-probabilities to -inf, *without* renormalising, so a hypothesis's logprob is exactly what a
+teacher-forced forward pass assigns to its tokens followed by EOS.
+
+Call `model.eval()` first: these functions do not change the model's mode, and dropout would
+make decoding random.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from traduire.model import DecoderCache, Transformer
+
+
+@dataclass
+class Hypothesis:
+    """One finished translation."""
+
+    tokens: list[int]  # generated ids, without BOS and EOS
+    logprob: float  # total log-probability, EOS included
+    score: float  # logprob / length penalty: the ranking key
+    token_logprobs: list[float]  # one per token, then one for EOS
+
+    @property
+    def probability(self) -> float:
+        """The sentence probability exp(logprob)."""
+        return math.exp(self.logprob)
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT length penalty (Wu et al., 2016): ((5 + length) / 6) ** alpha.
+
+    `length` counts EOS. alpha=0 gives 1 (rank by raw log-probability); larger alpha favours
+    longer outputs, since dividing a negative logprob by a larger penalty raises the score.
+    """
+    return ((5 + length) / 6) ** alpha
+
+
+def _max_lengths(model: Transformer, src: Tensor, pad: int, a: float, b: int) -> Tensor:
+    """Per sentence, the most tokens allowed before EOS: int(a * src_len + b), src_len counting
+    the non-pad source tokens; capped so BOS + tokens fit in the model's positions."""
+    limit = model.shape.max_positions - 1
+    lengths = [min(int(a * n + b), limit) for n in (src != pad).sum(1).tolist()]
+    return torch.tensor(lengths, device=src.device)
+
+
+def _next_logprobs(model: Transformer, last: Tensor, memory: Tensor, src_mask: Tensor,
+                   cache: DecoderCache, step: int, max_len: Tensor, bos: int, eos: int,
+                   pad: int) -> Tensor:
+    """Log-probabilities (rows, vocab) of the token after `last` (rows,), which is the token at
+    target position `step`. Pad and BOS are never allowed; once a row has generated its
+    max_len (rows,) tokens, only EOS is."""
+    logits = model.decode(last[:, None], memory, src_mask, cache)[:, -1]
+    logprobs = logits.float().log_softmax(-1)
+    logprobs[:, [pad, bos]] = float("-inf")
+    not_eos = torch.arange(logprobs.size(1), device=logprobs.device) != eos
+    return logprobs.masked_fill((max_len <= step)[:, None] & not_eos, float("-inf"))
+
+
+@torch.inference_mode()
+def beam_search(model: Transformer, src: Tensor, *, beam: int, bos: int, eos: int, pad: int,
+                lenpen: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10,
+                nbest: int = 1) -> list[list[Hypothesis]]:
+    """Beam search over a batch of sources (batch, src_len), right-padded with `pad`.
+
+    Returns, per sentence in input order, its `nbest` best finished hypotheses, best score
+    first. Scores are logprob / length_penalty(len(tokens) + 1, lenpen). A sentence stops when
+    no live hypothesis can still enter its `beam` best finished ones, so with a beam as large
+    as the search space the result is the exact best output. Every hypothesis has at most
+    int(max_len_a * src_len + max_len_b) tokens before EOS.
+    """
+    if not 1 <= nbest <= beam:
+        raise ValueError(f"need 1 <= nbest <= beam, got nbest={nbest}, beam={beam}")
+    k, device = beam, src.device
+    memory, src_mask = model.encode(src)
+    # One row per hypothesis: active sentence s owns rows s*k .. s*k+k-1.
+    rows = torch.arange(src.size(0), device=device).repeat_interleave(k)
+    memory, src_mask = memory[rows], src_mask[rows]
+    cache = model.new_cache()
+
+    max_len = _max_lengths(model, src, pad, max_len_a, max_len_b)
+    # The largest penalty a hypothesis of each sentence can end with (at max_len + EOS).
+    final_pen = torch.tensor([length_penalty(m + 1, lenpen) for m in max_len.tolist()],
+                             device=device)
+    sentences = list(range(src.size(0)))  # original index of each active sentence
+    finished: list[list[Hypothesis]] = [[] for _ in sentences]  # best first, at most k each
+    # Per active sentence, the score a hypothesis must beat to enter its k best finished ones.
+    worst = torch.full((len(sentences),), float("-inf"), device=device)
+    # Live hypotheses: cumulative logprob (sentences, k); generated tokens and their logprobs
+    # (rows, step). Only one row per sentence is live at first: -inf on the copies keeps them
+    # from producing k identical hypotheses.
+    lp = torch.full((len(sentences), k), float("-inf"), device=device)
+    lp[:, 0] = 0.0
+    tokens = torch.empty((len(rows), 0), dtype=torch.long, device=device)
+    token_lps = torch.empty((len(rows), 0), device=device)
+    last = torch.full((len(rows),), bos, dtype=torch.long, device=device)
+
+    step = 0
+    while sentences:
+        n = len(sentences)
+        logprobs = _next_logprobs(model, last, memory, src_mask, cache, step,
+                                  max_len.repeat_interleave(k), bos, eos, pad)
+        vocab = logprobs.size(1)
+        # The 2k best extensions of each sentence: at most k of them end in EOS (one per
+        # row), so at least k remain to continue.
+        top_lp, top_idx = (lp.view(-1, 1) + logprobs).view(n, k * vocab).topk(
+            min(2 * k, k * vocab), dim=1)
+        top_row = top_idx // vocab + torch.arange(n, device=device)[:, None] * k
+        top_tok = top_idx % vocab
+        top_step_lp = logprobs.view(-1)[top_row * vocab + top_tok]
+        is_eos = top_tok == eos
+        # As in classical beam search, only an EOS among the k best candidates ends a
+        # hypothesis: one ranked lower would have fallen out of the beam (and with k = 1 this
+        # makes beam search exactly greedy).
+        ends = is_eos & top_lp.isfinite()
+        ends[:, k:] = False
+        if ends.any():
+            _collect(ends, top_row, top_lp, top_step_lp, tokens, token_lps, sentences, finished,
+                     worst, k, lenpen)
+
+        # The k best extensions that do not end continue (dead ones keep -inf).
+        lp, pick = top_lp.masked_fill(is_eos, float("-inf")).topk(k, dim=1)
+        src_rows, new_tok = top_row.gather(1, pick), top_tok.gather(1, pick)
+        new_tok_lp = top_step_lp.gather(1, pick)
+
+        # Log-probabilities only fall, so a live hypothesis (now step + 1 tokens) ends with a
+        # score of at most lp / (the largest penalty it can still reach). lp[:, 0] is the best
+        # live one; -inf there means none is left (as at the length limit), and then done.
+        best_pen = final_pen.clamp(min=length_penalty(step + 2, lenpen))
+        done = lp[:, 0] / best_pen <= worst
+        keep = (~done).nonzero().squeeze(1)
+        if len(keep) < n:  # finished sentences leave the batch
+            kept = keep.tolist()
+            sentences = [sentences[i] for i in kept]
+            if not sentences:
+                break
+            # All rows of a sentence share one memory, so it changes only when sentences go.
+            kept_rows = (keep[:, None] * k + torch.arange(k, device=device)).view(-1)
+            memory, src_mask = memory[kept_rows], src_mask[kept_rows]
+            max_len, final_pen, worst = max_len[keep], final_pen[keep], worst[keep]
+            lp, src_rows, new_tok, new_tok_lp = lp[keep], src_rows[keep], new_tok[keep], \
+                new_tok_lp[keep]
+        index = src_rows.view(-1)
+        cache.reorder(index)
+        last = new_tok.view(-1)
+        tokens = torch.cat([tokens[index], last[:, None]], dim=1)
+        token_lps = torch.cat([token_lps[index], new_tok_lp.view(-1, 1)], dim=1)
+        step += 1
+    return [hyps[:nbest] for hyps in finished]
+
+
+def _collect(ends: Tensor, top_row: Tensor, top_lp: Tensor, top_step_lp: Tensor,
+             tokens: Tensor, token_lps: Tensor, sentences: list[int],
+             finished: list[list[Hypothesis]], worst: Tensor, k: int, lenpen: float) -> None:
+    """Add the candidates marked in `ends` (active sentence, candidate) as finished hypotheses,
+    keeping each sentence's k best, and update `worst` for the sentences that now have k."""
+    top_row_l, top_lp_l, step_lp_l = top_row.tolist(), top_lp.tolist(), top_step_lp.tolist()
+    for s, j in ends.nonzero().tolist():
+        row, logprob = top_row_l[s][j], top_lp_l[s][j]
+        hyp_tokens = tokens[row].tolist()
+        hyps = finished[sentences[s]]
+        hyps.append(Hypothesis(hyp_tokens, logprob,
+                               logprob / length_penalty(len(hyp_tokens) + 1, lenpen),
+                               token_lps[row].tolist() + [step_lp_l[s][j]]))
+        hyps.sort(key=lambda h: h.score, reverse=True)  # stable: earlier ones win ties
+        del hyps[k:]
+        if len(hyps) == k:
+            worst[s] = hyps[-1].score
+
+
+def greedy(model: Transformer, src: Tensor, *, bos: int, eos: int, pad: int,
+           max_len_a: float = 1.2, max_len_b: int = 10) -> list[Hypothesis]:
+    """Greedy search: at each step the most probable token. One hypothesis per sentence;
+    its score is its logprob. (Beam search with one beam and no length penalty.)"""
+    return [hyps[0] for hyps in beam_search(model, src, beam=1, bos=bos, eos=eos, pad=pad,
+                                            lenpen=0.0, max_len_a=max_len_a,
+                                            max_len_b=max_len_b)]
+
+
+def _sampling_weights(logprobs: Tensor, temperature: float, top_k: int | None,
+                      top_p: float | None) -> Tensor:
+    """Unnormalised log-weights of the sampling distribution: tempered, then cut to the top_k
+    most probable tokens and/or the smallest set holding top_p of the probability mass."""
+    weights = logprobs / temperature
+    if top_k is not None:
+        kth_best = weights.topk(min(top_k, weights.size(1)), dim=1).values[:, -1:]
+        weights = weights.masked_fill(weights < kth_best, float("-inf"))
+    if top_p is not None:
+        probs, order = weights.softmax(-1).sort(dim=1, descending=True)
+        # Drop a token once the more probable ones already hold top_p: the most probable
+        # token always stays.
+        drop_sorted = probs.cumsum(1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        weights = weights.masked_fill(drop, float("-inf"))
+    return weights
+
+
+@torch.inference_mode()
+def sample(model: Transformer, src: Tensor, *, bos: int, eos: int, pad: int,
+           top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
+           generator: torch.Generator | None = None, max_len_a: float = 1.2,
+           max_len_b: int = 10) -> list[Hypothesis]:
+    """Sample one translation per sentence, token by token, from the model's distribution
+    tempered by `temperature` and restricted to the top_k tokens and/or the top_p nucleus.
+
+    Reproducible given the same `generator` state. Each hypothesis's logprob (and score) is
+    under the model itself, not under the tempered, truncated sampling distribution.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    device = src.device
+    memory, src_mask = model.encode(src)
+    cache = model.new_cache()
+    max_len = _max_lengths(model, src, pad, max_len_a, max_len_b)
+    sentences = list(range(src.size(0)))  # original index of each live row
+    results: dict[int, Hypothesis] = {}
+    tokens = torch.empty((len(sentences), 0), dtype=torch.long, device=device)
+    token_lps = torch.empty((len(sentences), 0), device=device)
+    last = torch.full((len(sentences),), bos, dtype=torch.long, device=device)
+
+    step = 0
+    while sentences:
+        logprobs = _next_logprobs(model, last, memory, src_mask, cache, step, max_len, bos, eos,
+                                  pad)
+        weights = _sampling_weights(logprobs, temperature, top_k, top_p)
+        last = torch.multinomial(weights.softmax(-1), 1, generator=generator).squeeze(1)
+        tokens = torch.cat([tokens, last[:, None]], dim=1)
+        token_lps = torch.cat([token_lps, logprobs.gather(1, last[:, None])], dim=1)
+        ended = last == eos
+        for row in ended.nonzero().squeeze(1).tolist():
+            row_lps = token_lps[row].tolist()
+            results[sentences[row]] = Hypothesis(tokens[row, :-1].tolist(), sum(row_lps),
+                                                 sum(row_lps), row_lps)
+        if ended.any():  # ended rows leave the batch
+            keep = (~ended).nonzero().squeeze(1)
+            sentences = [sentences[i] for i in keep.tolist()]
+            cache.reorder(keep)
+            memory, src_mask, max_len = memory[keep], src_mask[keep], max_len[keep]
+            tokens, token_lps, last = tokens[keep], token_lps[keep], last[keep]
+        step += 1
+    return [results[i] for i in range(src.size(0))]  # each one ends, at its length limit

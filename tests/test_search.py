@@ -1,0 +1,320 @@
+"""Tests for traduire.search against straightforward, cache-free reference computations."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from traduire.model import DecoderCache, Transformer, TransformerShape
+from traduire.search import Hypothesis, beam_search, greedy, length_penalty, sample
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+SPECIAL = dict(bos=BOS, eos=EOS, pad=PAD)
+
+
+def tiny_model(vocab: int, seed: int, peak: float = 3.0) -> Transformer:
+    """A random model; scaling the (shared) embedding makes its distributions peaky, so
+    searches differ from one another and near-ties are rare."""
+    torch.manual_seed(seed)
+    model = Transformer(TransformerShape(src_vocab_size=vocab, tgt_vocab_size=vocab, d_model=16,
+                                         heads=2, ffn_dim=32, encoder_layers=1,
+                                         decoder_layers=1, dropout=0.0))
+    with torch.no_grad():
+        model.decoder.embedding.weight.mul_(peak)
+    return model.eval()
+
+
+def random_sources(vocab: int, lengths: list[int], seed: int) -> torch.Tensor:
+    """Right-padded sources: random words (ids >= 4) then EOS."""
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.full((len(lengths), max(lengths) + 1), PAD)
+    for i, n in enumerate(lengths):
+        src[i, :n] = torch.randint(4, vocab, (n,), generator=gen)
+        src[i, n] = EOS
+    return src
+
+
+@torch.no_grad()
+def teacher_forced(model: Transformer, src: torch.Tensor, tokens: list[int]) -> list[float]:
+    """Log-probabilities of tokens + EOS for one source (1, src_len), by one full forward."""
+    tgt_in = torch.tensor([[BOS] + tokens])
+    logprobs = model(src, tgt_in).log_softmax(-1)[0]
+    return logprobs.gather(1, torch.tensor([tokens + [EOS]]).T).squeeze(1).tolist()
+
+
+@torch.no_grad()
+def reference_greedy(model: Transformer, src: torch.Tensor, max_len: int
+                     ) -> tuple[list[int], list[float]]:
+    """Greedy decoding recomputing the whole forward pass at every step, no cache."""
+    tokens: list[int] = []
+    lps: list[float] = []
+    while True:
+        logprobs = model(src, torch.tensor([[BOS] + tokens])).log_softmax(-1)[0, -1]
+        allowed = logprobs.clone()
+        allowed[[PAD, BOS]] = float("-inf")
+        if len(tokens) == max_len:
+            allowed[:] = float("-inf")
+            allowed[EOS] = 0.0
+        token = int(allowed.argmax())
+        lps.append(float(logprobs[token]))
+        if token == EOS:
+            return tokens, lps
+        tokens.append(token)
+
+
+def max_len_of(src_row: torch.Tensor, a: float = 1.2, b: int = 10) -> int:
+    return int(a * int((src_row != PAD).sum()) + b)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beam_one_is_greedy(seed: int) -> None:
+    model = tiny_model(12, seed)
+    src = random_sources(12, [3, 5, 1, 4], seed)
+    for hyps, bgreedy in zip(beam_search(model, src, beam=1, lenpen=0.0, **SPECIAL),
+                             greedy(model, src, **SPECIAL), strict=True):
+        assert hyps[0] == bgreedy
+    for i, hyp in enumerate(greedy(model, src, **SPECIAL)):
+        row = src[i:i + 1, :int((src[i] != PAD).sum())]
+        tokens, lps = reference_greedy(model, row, max_len_of(src[i]))
+        assert hyp.tokens == tokens
+        assert hyp.token_logprobs == pytest.approx(lps, abs=1e-5)
+        assert hyp.logprob == pytest.approx(sum(lps), abs=1e-5)
+        assert hyp.score == hyp.logprob
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("lenpen", [0.0, 1.0, 2.0])
+def test_exhaustive(seed: int, lenpen: float) -> None:
+    """With a beam as large as the search space, beam search finds the exact best output."""
+    vocab, max_len = 6, 3
+    words = [UNK, 4, 5]  # every id but pad, BOS and EOS
+    model = tiny_model(vocab, seed, peak=2.0)
+    src = random_sources(vocab, [1 + seed % 3], seed)
+    space = []
+    for n in range(max_len + 1):
+        for tokens in itertools.product(words, repeat=n):
+            logprob = sum(teacher_forced(model, src, list(tokens)))
+            space.append((logprob / length_penalty(n + 1, lenpen), list(tokens)))
+    space.sort(key=lambda s: s[0], reverse=True)
+    beam = len(space)
+
+    hyps = beam_search(model, src, beam=beam, lenpen=lenpen, max_len_a=0.0, max_len_b=max_len,
+                       nbest=beam, **SPECIAL)[0]
+    assert hyps[0].tokens == space[0][1]
+    assert hyps[0].score == pytest.approx(space[0][0], abs=1e-5)
+    # Everything is reachable, so the full ranking comes back.
+    assert [h.score for h in hyps] == pytest.approx([s for s, _ in space], abs=1e-5)
+
+
+@torch.no_grad()
+def reference_beam(model: Transformer, src: torch.Tensor, beam: int, lenpen: float,
+                   max_len: int) -> list[tuple[float, list[int]]]:
+    """Classical beam search without early stopping: recomputes every hypothesis from scratch
+    and runs to the length limit. Returns the `beam` best finished (score, tokens)."""
+    live: list[tuple[float, list[int]]] = [(0.0, [])]
+    finished: list[tuple[float, list[int]]] = []
+    for step in range(max_len + 1):
+        candidates = []
+        for logprob, tokens in live:
+            lps = model(src, torch.tensor([[BOS] + tokens])).log_softmax(-1)[0, -1].tolist()
+            for token, lp in enumerate(lps):
+                if token not in (PAD, BOS) and (step < max_len or token == EOS):
+                    candidates.append((logprob + lp, tokens + [token]))
+        candidates.sort(key=lambda c: c[0], reverse=True)
+        candidates = candidates[:2 * beam]
+        for logprob, tokens in candidates[:beam]:
+            if tokens[-1] == EOS:
+                finished.append((logprob / length_penalty(len(tokens), lenpen), tokens[:-1]))
+        live = [c for c in candidates if c[1][-1] != EOS][:beam]
+    finished.sort(key=lambda c: c[0], reverse=True)
+    return finished[:beam]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("lenpen", [0.0, 1.0, 2.0])
+def test_early_stopping_changes_nothing(seed: int, lenpen: float) -> None:
+    """Stopping a sentence once no live hypothesis can enter its beam best finished ones gives
+    the same beam best as running every hypothesis to the length limit."""
+    model = tiny_model(8, seed, peak=2.0)
+    lengths = [2, 4, 1]
+    src = random_sources(8, lengths, seed)
+    beam = 3
+    for i, hyps in enumerate(beam_search(model, src, beam=beam, lenpen=lenpen, nbest=beam,
+                                         max_len_a=1.0, max_len_b=3, **SPECIAL)):
+        row = src[i:i + 1, :lengths[i] + 1]
+        expected = reference_beam(model, row, beam, lenpen, lengths[i] + 1 + 3)
+        assert [h.tokens for h in hyps] == [t for _, t in expected]
+        assert [h.score for h in hyps] == pytest.approx([s for s, _ in expected], abs=1e-5)
+
+
+class BigramModel:
+    """A scripted stand-in for the Transformer: the next token depends only on the last one,
+    through the table `probs` {last: {next: probability}}, the rest spread evenly."""
+
+    def __init__(self, vocab: int, probs: dict[int, dict[int, float]]) -> None:
+        self.shape = TransformerShape(src_vocab_size=vocab, tgt_vocab_size=vocab)
+        table = torch.empty(vocab, vocab)
+        for last in range(vocab):
+            given = probs.get(last, {})
+            rest = (1.0 - sum(given.values())) / (vocab - len(given))
+            table[last] = torch.tensor([given.get(t, rest) for t in range(vocab)])
+        self.logits = table.log()
+
+    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(src.size(0), src.size(1), 1), (src != PAD)[:, None, None, :]
+
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache(0)
+
+    def decode(self, tgt, memory, src_mask, cache) -> torch.Tensor:
+        return self.logits[tgt]
+
+
+@pytest.mark.parametrize(("lenpen", "expected"), [(0.0, [4]), (1.0, [4, 5, 6, 7, 8]),
+                                                  (2.0, [4, 5, 6, 7, 8])])
+def test_a_live_hypothesis_behind_the_finished_can_still_win(lenpen: float,
+                                                             expected: list[int]) -> None:
+    """After "A EOS" finishes, the live "A B" scores worse than it if ended now, but the
+    length penalty lets the nearly free "A B C D E EOS" overtake it: the bound on a live
+    hypothesis must use the largest penalty it can still reach, not its current one."""
+    a, b, c, d, e = 4, 5, 6, 7, 8
+    model = BigramModel(9, {BOS: {a: 0.6, EOS: 0.1}, a: {EOS: 0.5, b: 0.3},
+                            b: {c: 0.99}, c: {d: 0.99}, d: {e: 0.99}, e: {EOS: 0.99}})
+    src = torch.tensor([[4, 4, EOS]])
+    for beam in (1, 2):
+        best = beam_search(model, src, beam=beam, lenpen=lenpen, **SPECIAL)[0][0]
+        assert best.tokens == expected
+    assert greedy(model, src, **SPECIAL)[0].tokens == [a]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("lenpen", [0.0, 1.0])
+def test_batching_invariance(seed: int, lenpen: float) -> None:
+    model = tiny_model(14, seed)
+    lengths = [5, 1, 3, 7, 2]
+    src = random_sources(14, lengths, seed)
+    batched = beam_search(model, src, beam=4, lenpen=lenpen, nbest=3, **SPECIAL)
+    for i, n in enumerate(lengths):
+        alone = beam_search(model, src[i:i + 1, :n + 1], beam=4, lenpen=lenpen, nbest=3,
+                            **SPECIAL)[0]
+        assert [h.tokens for h in batched[i]] == [h.tokens for h in alone]
+        assert [h.score for h in batched[i]] == pytest.approx([h.score for h in alone],
+                                                              abs=1e-5)
+        assert [h.logprob for h in batched[i]] == pytest.approx([h.logprob for h in alone],
+                                                                abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cached_logprobs_match_a_full_forward(seed: int) -> None:
+    model = tiny_model(12, seed)
+    lengths = [4, 2, 6]
+    src = random_sources(12, lengths, seed)
+    for i, hyps in enumerate(beam_search(model, src, beam=5, nbest=5, **SPECIAL)):
+        row = src[i:i + 1, :lengths[i] + 1]
+        for hyp in hyps:
+            lps = teacher_forced(model, row, hyp.tokens)
+            assert hyp.token_logprobs == pytest.approx(lps, abs=1e-5)
+            assert hyp.logprob == pytest.approx(sum(lps), abs=1e-5)
+            assert hyp.score == pytest.approx(
+                hyp.logprob / length_penalty(len(hyp.tokens) + 1, 1.0), abs=1e-6)
+
+
+def test_nbest_sorted_distinct_and_within_limits() -> None:
+    model = tiny_model(12, 0)
+    src = random_sources(12, [4, 2, 6], 0)
+    for i, hyps in enumerate(beam_search(model, src, beam=6, nbest=6, **SPECIAL)):
+        assert len(hyps) == 6
+        scores = [h.score for h in hyps]
+        assert scores == sorted(scores, reverse=True)
+        assert len({tuple(h.tokens) for h in hyps}) == len(hyps)
+        for h in hyps:
+            assert h.probability == pytest.approx(math.exp(h.logprob))
+            assert len(h.token_logprobs) == len(h.tokens) + 1
+            assert len(h.tokens) <= max_len_of(src[i])
+            assert not {PAD, BOS, EOS} & set(h.tokens)
+
+
+def test_length_limit_forces_eos() -> None:
+    model = tiny_model(12, 0)
+    src = random_sources(12, [3, 5], 0)
+    for hyps in beam_search(model, src, beam=3, nbest=3, max_len_a=0.0, max_len_b=2,
+                            **SPECIAL):
+        assert all(len(h.tokens) <= 2 for h in hyps)
+    assert all(h.tokens == [] for h in greedy(model, src, max_len_a=0.0, max_len_b=0,
+                                               **SPECIAL))
+
+
+def test_nbest_larger_than_beam_is_rejected() -> None:
+    model = tiny_model(8, 0)
+    with pytest.raises(ValueError):
+        beam_search(model, random_sources(8, [2], 0), beam=2, nbest=3, **SPECIAL)
+
+
+def test_one_token_per_step_and_the_batch_shrinks() -> None:
+    """Each decoder call feeds one token per live hypothesis; rows only ever leave."""
+    model = tiny_model(12, 1)
+    src = random_sources(12, [1, 6, 3], 1)
+    shapes: list[tuple[int, ...]] = []
+    decode = model.decode
+
+    def spy(tgt, *args, **kwargs):
+        shapes.append(tuple(tgt.shape))
+        return decode(tgt, *args, **kwargs)
+
+    model.decode = spy  # type: ignore[method-assign]
+    beam_search(model, src, beam=4, **SPECIAL)
+    assert all(length == 1 for _, length in shapes)
+    rows = [r for r, _ in shapes]
+    assert rows[0] == 3 * 4 and all(r % 4 == 0 for r in rows)
+    assert rows == sorted(rows, reverse=True) and rows[-1] < rows[0]
+
+
+def test_sampling_is_reproducible() -> None:
+    model = tiny_model(12, 0, peak=1.0)
+    src = random_sources(12, [3, 5, 2, 4], 0)
+    for kwargs in ({}, {"top_k": 3}, {"top_p": 0.8}, {"top_k": 4, "top_p": 0.9,
+                                                      "temperature": 1.5}):
+        first = sample(model, src, generator=torch.Generator().manual_seed(7), **kwargs,
+                       **SPECIAL)
+        second = sample(model, src, generator=torch.Generator().manual_seed(7), **kwargs,
+                        **SPECIAL)
+        assert first == second
+    draws = {tuple(tuple(h.tokens) for h in sample(model, src, generator=torch.Generator()
+                                            .manual_seed(seed), **SPECIAL))
+             for seed in range(5)}
+    assert len(draws) > 1  # it does sample
+
+
+def test_sampling_logprobs_and_limits() -> None:
+    model = tiny_model(12, 2, peak=1.0)
+    lengths = [3, 1, 4]
+    src = random_sources(12, lengths, 2)
+    hyps = sample(model, src, generator=torch.Generator().manual_seed(0), **SPECIAL)
+    for i, hyp in enumerate(hyps):
+        lps = teacher_forced(model, src[i:i + 1, :lengths[i] + 1], hyp.tokens)
+        assert hyp.token_logprobs == pytest.approx(lps, abs=1e-5)
+        assert hyp.logprob == pytest.approx(sum(lps), abs=1e-5)
+        assert len(hyp.tokens) <= max_len_of(src[i])
+        assert not {PAD, BOS, EOS} & set(hyp.tokens)
+
+
+@pytest.mark.parametrize("kwargs", [{"top_k": 1}, {"top_p": 1e-6}])
+def test_top_one_sampling_is_greedy(kwargs: dict) -> None:
+    model = tiny_model(12, 3, peak=1.0)
+    src = random_sources(12, [3, 5, 2], 3)
+    sampled = sample(model, src, generator=torch.Generator().manual_seed(1), **kwargs,
+                     **SPECIAL)
+    expected = greedy(model, src, **SPECIAL)
+    for s, g in zip(sampled, expected, strict=True):
+        assert s.tokens == g.tokens
+        assert s.logprob == pytest.approx(g.logprob, abs=1e-5)
+
+
+def test_hypothesis_probability() -> None:
+    hyp = Hypothesis(tokens=[5], logprob=-1.5, score=-1.0, token_logprobs=[-1.0, -0.5])
+    assert hyp.probability == pytest.approx(math.exp(-1.5))
+    assert length_penalty(1, 0.0) == 1.0
+    assert length_penalty(7, 1.0) == pytest.approx(2.0)
