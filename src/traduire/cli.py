@@ -84,8 +84,15 @@ def train(
         config = run_dir / "config.yaml"
         if not config.exists():
             raise TraduireError(f"{run_dir} has no config.yaml yet: give --config")
+    from traduire.train import TrainingInterrupted
+
     cfg = load_config(config, set_ or [])
-    state = run(cfg, run_dir, overwrite=overwrite)
+    try:
+        state = run(cfg, run_dir, overwrite=overwrite)
+    except TrainingInterrupted as stop:
+        stderr.print(f"stopped by {stop.signal_name} at step {stop.step}; checkpoint "
+                     f"{stop.checkpoint}. To resume: traduire train --run-dir {run_dir}")
+        raise typer.Exit(130 if stop.signal_name == "SIGINT" else 143) from None
     stderr.print(f"done: step {state.step}, epoch {state.epoch}, best valid loss "
                  f"{state.best_valid_loss:.3f}; checkpoints in {run_dir / 'checkpoints'}")
 

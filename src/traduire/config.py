@@ -89,13 +89,16 @@ class TrainConfig:
     max_len: int = 256  # training pairs with more tokens on either side are skipped
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
     warmup_steps: int = 4000
-    schedule: Literal["inverse_sqrt"] = "inverse_sqrt"
+    schedule: Literal["inverse_sqrt", "cosine", "linear"] = "inverse_sqrt"
+    decay_steps: int = 0  # cosine/linear: steps until the lr reaches min_lr (0: max_steps)
+    min_lr: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-9
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
     clip_norm: float = 0.0  # 0 disables gradient clipping
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype (fp16 adds loss scaling)
+    compile: bool = False  # torch.compile the model (helps on GPU; rarely on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     # Bounds: these may change between runs of the same run directory.
@@ -105,14 +108,23 @@ class TrainConfig:
     save_every: int = 1000
     keep_last: int = 5
     valid_every: int = 1000
+    valid_bleu: bool = False  # also translate (part of) the validation set and score BLEU
+    valid_bleu_sentences: int = 500
+    valid_beam: int = 1
+    best_metric: Literal["loss", "bleu"] = "loss"  # which validation figure picks best.pt
+    patience: int = 0  # stop after this many validations without improvement (0: never)
+    max_bad_steps: int = 20  # consecutive non-finite losses that end the run
     log_every: int = 100
+    tensorboard: bool = False  # also log to run_dir/tensorboard (needs `tensorboard`)
     progress: bool = True
 
 
 # Keys of `train` that bound or observe a run without changing what it computes: they may differ
 # between runs of one run directory and are applied on resume.
 BOUND_KEYS = frozenset({"max_steps", "max_epochs", "max_time", "save_every", "keep_last",
-                        "valid_every", "log_every", "progress", "device", "threads"})
+                        "valid_every", "valid_bleu", "valid_bleu_sentences", "valid_beam",
+                        "patience", "max_bad_steps", "log_every", "tensorboard", "progress",
+                        "device", "threads", "compile"})
 
 
 @dataclass(frozen=True)
@@ -243,6 +255,9 @@ def _check_values(config: Config, origin: str) -> None:
         "train.keep_last": config.train.keep_last,
         "train.valid_every": config.train.valid_every,
         "train.log_every": config.train.log_every,
+        "train.valid_bleu_sentences": config.train.valid_bleu_sentences,
+        "train.valid_beam": config.train.valid_beam,
+        "train.max_bad_steps": config.train.max_bad_steps,
         "data.max_words": config.data.max_words,
         "data.max_ratio": config.data.max_ratio,
     }
@@ -257,6 +272,9 @@ def _check_values(config: Config, origin: str) -> None:
                     "train.warmup_steps": config.train.warmup_steps,
                     "train.clip_norm": config.train.clip_norm,
                     "train.threads": config.train.threads,
+                    "train.decay_steps": config.train.decay_steps,
+                    "train.min_lr": config.train.min_lr,
+                    "train.patience": config.train.patience,
                     "data.max_valid": config.data.max_valid}
     for key, value in non_negative.items():
         if value < 0:
@@ -283,6 +301,12 @@ def _check_values(config: Config, origin: str) -> None:
         raise ConfigError(f"{origin}: 'data.dir' is required when data.source is 'files'")
     if config.data.source == "hub" and not config.data.hub_name:
         raise ConfigError(f"{origin}: 'data.hub_name' is required when data.source is 'hub'")
+    if config.train.schedule != "inverse_sqrt" and not (config.train.decay_steps
+                                                        or config.train.max_steps):
+        raise ConfigError(f"{origin}: 'train.schedule: {config.train.schedule}' needs "
+                          "'train.decay_steps' or 'train.max_steps' to know when to end")
+    if config.train.best_metric == "bleu" and not config.train.valid_bleu:
+        raise ConfigError(f"{origin}: 'train.best_metric: bleu' needs 'train.valid_bleu: true'")
     if config.train.max_time is not None:
         try:
             parse_duration(config.train.max_time)

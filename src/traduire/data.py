@@ -202,6 +202,7 @@ class EncodedCorpus:
         # +1: the EOS appended to the source and to the target (or BOS prepended to its input).
         self.src_lens = np.asarray(table.column("src_len").to_numpy()) + 1
         self.tgt_lens = np.asarray(table.column("tgt_len").to_numpy()) + 1
+        self.full = dataset
         self.dataset = dataset.select_columns(["src_ids", "tgt_ids"])
         self.usable = np.arange(len(dataset))
         if max_len is not None:
@@ -213,6 +214,10 @@ class EncodedCorpus:
     def pairs(self, indices: np.ndarray) -> tuple[list[list[int]], list[list[int]]]:
         rows = self.dataset[indices.tolist()]
         return rows["src_ids"], rows["tgt_ids"]
+
+    def texts(self, indices: np.ndarray, column: str) -> list[str]:
+        """The original text ("src" or "tgt") of some pairs."""
+        return self.full.select_columns([column])[indices.tolist()][column]
 
 
 def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, candidates: np.ndarray,

@@ -210,9 +210,12 @@ def clean_line(line: str) -> str:
     return "".join(" " if (ord(c) < 32 and c != "\t") or ord(c) == 127 else c for c in line)
 
 
+_LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+
+
 def one_line(text: str) -> str:
     """Output text on one line, whatever the model produced."""
-    return " ".join(text.split()) if any(c in text for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029") else text
+    return " ".join(text.split()) if _LINE_BREAKS.intersection(text) else text
 
 
 class Throughput:
