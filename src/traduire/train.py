@@ -478,6 +478,7 @@ class Trainer:
             f"step {record['step']:>7} | epoch {record['epoch']:>3} | loss {record['loss']:.3f}"
             f" | lr {record['lr']:.2e} | {record['tok_per_s']:>8,.0f} tok/s"
             + (f" | MFU {record['mfu']:.1%}" if record.get("mfu") is not None else "")
+            + (f" | {record['gpu_mem_gib']:.1f} GiB" if record.get("gpu_mem_gib") else "")
             + f" | {_clock(record['elapsed'])}")
         _write_metrics(metrics, record)
         self._tensorboard(record, prefix="train")
@@ -521,7 +522,9 @@ class _Window:
                 "tok_per_s": (self.src + self.tgt) / seconds,
                 "tgt_tok_per_s": self.tgt / seconds, "elapsed": round(state.elapsed, 1),
                 "skipped_steps": state.skipped_steps,
-                "mfu": mfu(1 / seconds, self.src, self.tgt)}
+                "mfu": mfu(1 / seconds, self.src, self.tgt),
+                "gpu_mem_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                                if torch.cuda.is_available() else None)}
 
 
 def _write_metrics(file, record: dict[str, Any]) -> None:
