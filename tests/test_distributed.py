@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_settings, write_config
 from traduire.checkpoint import load_checkpoint, step_checkpoints
 from traduire.config import load_config
 from traduire.pipeline import run
-
-from conftest import tiny_settings, write_config
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed unavailable")

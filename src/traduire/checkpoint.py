@@ -40,8 +40,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         _remove_quietly(Path(tmp))
+        if isinstance(e, OSError) and e.filename is None:  # name the file: "disk full" where?
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
     _fsync_directory(path.parent)
 

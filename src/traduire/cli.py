@@ -245,6 +245,153 @@ def average(
                  f"into {output}")
 
 
+
+# --- looking inside a model ---------------------------------------------------------------------
+
+
+@command
+def attention(
+    sentence: Annotated[str, typer.Argument(help="The source sentence.")],
+    run_dir: RunDir,
+    token: Annotated[str | None, typer.Option(
+        "--token", "-t", help="The source word to show (first match; case and punctuation "
+        "ignored).")] = None,
+    index: Annotated[int | None, typer.Option(
+        "--index", "-i", help="The source word to show, by position (0-based).")] = None,
+    cross: Annotated[bool, typer.Option(
+        "--cross", help="Show the decoder's cross-attention from each word of the model's own "
+        "translation to the source words (a soft alignment).")] = False,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Also draw heatmaps to this PNG (needs traduire[plot]).")] = None,
+    panels: Annotated[str, typer.Option(
+        help="--plot panels: layers (each averaged over its heads) or heads (of --layer).")]
+        = "layers",
+    layer: Annotated[int, typer.Option(help="Layer (1-based) for --panels heads; "
+                                       "default the last.")] = 0,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    checkpoint: Checkpoint = None,
+    device: Device = "cpu",
+    beam: Beam = 5,
+) -> None:
+    """Show which source words a word attends to (encoder self-attention), per layer and head
+    and averaged.
+
+    Words are the sentence's whitespace-separated words (SentencePiece pieces starting with
+    "▁" begin a word; punctuation attached to a word stays with it), plus "</s>", the end
+    token. Pieces are merged into words: attention TO a word is the sum over its pieces,
+    attention FROM a word is the mean over its pieces, so each row still sums to 1.
+    """
+    import json
+
+    from rich.console import Console
+
+    from traduire.inspect_model import (
+        attention_map,
+        cross_table,
+        find_word,
+        head_lines,
+        plot_attention,
+        word_table,
+    )
+    from traduire.translate import Translator
+
+    if token is not None and index is not None:
+        raise TraduireError("give --token or --index, not both")
+    if cross and (token is not None or index is not None):
+        raise TraduireError("--cross shows every output word; drop --token/--index")
+    if panels not in ("layers", "heads"):
+        raise TraduireError(f"--panels {panels!r}: expected layers or heads")
+    translator = Translator.load(run_dir, checkpoint, device)
+    amap = attention_map(translator, sentence, cross=cross, beam=beam)
+    row = None
+    if not cross:
+        if token is None and index is None:
+            if plot is None:
+                raise TraduireError("give --token WORD or --index N; words: " + " ".join(
+                    f"{i}:{w}" for i, w in enumerate(amap.rows)))
+        else:
+            row = find_word(amap.rows, token, index)
+    if plot is not None:
+        plot_attention(amap, plot, panels, layer - 1 if layer else -1)
+        stderr.print(f"wrote {plot}")
+    if json_:
+        record = {"sentence": sentence, "kind": amap.kind, "words": amap.cols}
+        if cross:
+            record["translation"] = amap.translation
+            record["output_words"] = amap.rows
+            record["alignment"] = [amap.row_record(r) for r in range(len(amap.rows))]
+        elif row is not None:
+            record.update(amap.row_record(row))
+        print(json.dumps(record, ensure_ascii=False))
+        return
+    out = Console(soft_wrap=True)
+    if cross:
+        out.print(f"translation: {amap.translation}", highlight=False)
+        out.print(cross_table(amap))
+    elif row is not None:
+        out.print(word_table(amap, row))
+        for line in head_lines(amap, row):
+            out.print(line, highlight=False)
+
+
+@command
+def score(
+    run_dir: RunDir,
+    src: Annotated[Path, typer.Option("--src", help="Source sentences, one per line.")],
+    tgt: Annotated[Path, typer.Option("--tgt", help="Target sentences to score, aligned with "
+                                      "--src.")],
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    checkpoint: Checkpoint = None,
+    device: Device = "auto",
+) -> None:
+    """Forced decoding: how probable the model finds each target line as a translation of its
+    source line (total and per-token log-probability, perplexity, probability)."""
+    import json
+
+    from traduire.inspect_model import read_lines_of, score_lines, score_pairs
+    from traduire.translate import Translator
+
+    sources, targets = read_lines_of(src), read_lines_of(tgt)
+    if len(sources) != len(targets):
+        raise TraduireError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}")
+    translator = Translator.load(run_dir, checkpoint, device)
+    pairs = score_pairs(translator, sources, targets)
+    if json_:
+        print(json.dumps({"pairs": [p.as_record() for p in pairs]}, ensure_ascii=False))
+        return
+    for number, pair in enumerate(pairs, 1):
+        print("\n".join(score_lines(number, pair)))
+
+
+@command
+def info(
+    run_dir: Annotated[Path | None, typer.Option(
+        "--run-dir", "-r", help="Run directory: its config, vocabulary, newest checkpoint "
+        "and data report.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="YAML config (no run needed: the vocabulary size is "
+        "tokenizer.vocab_size).")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override a config key, e.g. --set model.preset=big.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Model size by component (embeddings, encoder, decoder), vocabulary, training state and
+    data sizes."""
+    import json
+
+    from traduire.config import load_config
+    from traduire.inspect_model import info_lines, model_info
+
+    if config is None and run_dir is not None and set_:
+        config = run_dir / "config.yaml"
+    cfg = load_config(config, set_ or []) if config is not None else None
+    result = model_info(cfg, run_dir)
+    if json_:
+        print(json.dumps(result.as_record(), ensure_ascii=False, default=str))
+        return
+    print("\n".join(info_lines(result)))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s",
                         stream=sys.stderr)

@@ -64,6 +64,9 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # tiny | small | base | big: defaults for layers, d_model, heads, ffn_dim and dropout (see
+    # MODEL_PRESETS); keys set explicitly in the config override the preset's values.
+    preset: Literal["tiny", "small", "base", "big"] | None = None
     layers: int = 6  # depth of encoder and decoder, unless set separately below
     encoder_layers: int | None = None
     decoder_layers: int | None = None
@@ -79,6 +82,16 @@ class ModelConfig:
     norm: Literal["pre", "post"] = "pre"
     max_positions: int = 1024
     share_embeddings: bool = True
+
+
+# Model shapes by name. base and big are Vaswani et al. (2017), Table 3; small is the usual
+# Multi30k benchmark shape; tiny is for tests and laptops.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"layers": 2, "d_model": 64, "heads": 2, "ffn_dim": 256, "dropout": 0.1},
+    "small": {"layers": 3, "d_model": 256, "heads": 4, "ffn_dim": 1024, "dropout": 0.1},
+    "base": {"layers": 6, "d_model": 512, "heads": 8, "ffn_dim": 2048, "dropout": 0.1},
+    "big": {"layers": 6, "d_model": 1024, "heads": 16, "ffn_dim": 4096, "dropout": 0.3},
+}
 
 
 @dataclass(frozen=True)
@@ -190,6 +203,9 @@ def config_from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
             value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{origin}: section '{name}' must be a mapping")
+        if name == "model" and str(value.get("preset")) in MODEL_PRESETS:
+            # The preset fills in only the keys the config leaves out.
+            value = {**MODEL_PRESETS[value["preset"]], **value}
         sections[name] = _build_section(_SECTION_CLASSES[name], name, value, origin)
     config = Config(**sections)
     _check_values(config, origin)

@@ -57,6 +57,8 @@ def _load_files(cfg: DataConfig, prefix: str, cache_dir: Path) -> datasets.Datas
         if bad_lines:
             log.warning("skipping %d line pairs with invalid UTF-8", len(bad_lines))
             pairs = pairs.select([i for i in range(len(pairs)) if i not in bad_lines])
+            # Counted by clean() into the data report with the other dropped pairs.
+            pairs.skipped_invalid_utf8 = len(bad_lines)
         return pairs
     path = root / f"{prefix}.{cfg.format}"
     _require_file(path)
@@ -186,6 +188,8 @@ def clean(pairs: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.Dataset, d
     # One process: the duplicate check needs to see every pair in order.
     judged = pairs.map(judge, batched=True, batch_size=10_000)
     dropped = Counter(r for r in judged["drop"] if r)
+    if getattr(pairs, "skipped_invalid_utf8", 0):  # dropped while loading (data.py, files)
+        dropped["invalid_utf8"] = pairs.skipped_invalid_utf8
     kept = judged.filter(lambda drop: [not r for r in drop], input_columns="drop", batched=True)
     return kept.remove_columns("drop"), dict(dropped)
 

@@ -37,6 +37,9 @@ class DecodeOptions:
     temperature: float = 1.0
     seed: int = 0
     chunk_lines: int = 10_000  # lines read ahead and sorted together
+    # Also fill Translation.confidence (one more forward pass per batch; see
+    # inspect_model.confidence). On for --format jsonl and --flag-below only.
+    confidence: bool = False
 
     def __post_init__(self) -> None:
         for name in ("beam", "nbest", "batch_tokens", "chunk_lines"):
@@ -67,6 +70,8 @@ class Translation:
     hypotheses: list[Hypothesis]  # best first; empty for an empty input line
     texts: list[str]  # detokenised hypotheses
     truncated: bool = False  # the source was longer than the model accepts and was cut
+    # With DecodeOptions.confidence: mean_logprob and low_attention_share of the best output.
+    confidence: dict[str, float] | None = None
 
     @property
     def best(self) -> str:
@@ -166,6 +171,13 @@ class Translator:
                 results[i].hypotheses = hyps
                 results[i].texts = [one_line(t) for t in
                                     self.tokenizer.decode_tgt([h.tokens for h in hyps])]
+            if options.confidence:
+                from traduire.inspect_model import confidence
+
+                scores = confidence(self, [encoded[i] for i in batch],
+                                    [results[i].hypotheses[0] for i in batch])
+                for i, score in zip(batch, scores):
+                    results[i].confidence = score
         yield from results
 
 
@@ -198,11 +210,20 @@ def default_checkpoint(run_dir: Path) -> Path:
     return periodic[-1]
 
 
-def read_lines(stream) -> Iterator[str]:
+def read_lines(stream, on_invalid=None) -> Iterator[str]:
     """Lines of a binary stream split on '\\n' only (so '\\r', form feeds and Unicode line
-    separators inside a sentence never make extra lines); invalid UTF-8 becomes U+FFFD."""
-    for raw in stream:
-        yield raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8", errors="replace")
+    separators inside a sentence never make extra lines); invalid UTF-8 becomes U+FFFD, and
+    `on_invalid(line_number, byte_offset)` (1-based line, offset in the stream) is called."""
+    offset = 0
+    for number, raw in enumerate(stream, 1):
+        line = raw.rstrip(b"\n").rstrip(b"\r")
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if on_invalid is not None:
+                on_invalid(number, offset + e.start)
+            yield line.decode("utf-8", errors="replace")
+        offset += len(raw)
 
 
 def clean_line(line: str) -> str:
@@ -246,10 +267,15 @@ def probability_percent(logprob: float) -> float:
 
 def translate_file(translator: Translator, input: str, output: Path | None,
                    options: DecodeOptions, format: str = "text", show_probs: bool = False,
-                   progress: bool = True, collect: list[str] | None = None) -> dict[str, float]:
+                   progress: bool = True, collect: list[str] | None = None,
+                   flag_below: float | None = None) -> dict[str, float]:
     """Translate a file (or '-' for stdin) to `output` (or stdout). The output file is written
     to a temporary name and renamed at the end, so an interrupted run never leaves a partial
-    file that looks complete. Returns decoding speed figures."""
+    file that looks complete. Returns decoding speed figures.
+
+    jsonl output carries each sentence's confidence; with `flag_below`, the numbers of the lines
+    whose mean token log-probability is below it are printed on stderr at the end."""
+    import dataclasses
     import json
     import sys
     import tempfile
@@ -258,6 +284,9 @@ def translate_file(translator: Translator, input: str, output: Path | None,
     from rich.progress import Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
+    if format == "jsonl" or flag_below is not None:
+        options = dataclasses.replace(options, confidence=True)
+    flagged: list[int] = []
     source = sys.stdin.buffer if input == "-" else _open_input(Path(input))
     tmp = None
     if output is None:
@@ -274,14 +303,20 @@ def translate_file(translator: Translator, input: str, output: Path | None,
     try:
         with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
             task = bar.add_task("translate", rate="")
-            for number, result in enumerate(translator.translate_lines(read_lines(source),
-                                                                       options), 1):
+            def invalid(number: int, offset: int) -> None:
+                console.print(f"warning: {input}:{number}: invalid UTF-8 at byte {offset}; "
+                              "translated with U+FFFD in its place", highlight=False,
+                              markup=False, soft_wrap=True)
+
+            lines = read_lines(source, on_invalid=invalid)
+            for number, result in enumerate(translator.translate_lines(lines, options), 1):
                 speed.add(result)
                 if result.truncated:
                     truncated += 1
-                    console.print(f"warning: line {number} is longer than the model's "
+                    console.print(f"warning: {input}:{number}: line longer than the model's "
                                   f"{translator.max_source_tokens} source tokens; translated "
-                                  "its beginning only", highlight=False)
+                                  "its beginning only", highlight=False, markup=False,
+                                  soft_wrap=True)
                 if format == "jsonl":
                     sink.write(json.dumps(_as_record(result), ensure_ascii=False) + "\n")
                 elif options.nbest > 1:
@@ -290,6 +325,9 @@ def translate_file(translator: Translator, input: str, output: Path | None,
                     sink.write(result.best + "\n")
                 if collect is not None:
                     collect.append(result.best)
+                if (flag_below is not None and result.confidence is not None
+                        and result.confidence["mean_logprob"] < flag_below):
+                    flagged.append(number)
                 if show_probs and result.hypotheses:
                     console.print(format_probabilities(result), highlight=False)
                 rate = speed.summary()["sentences_per_s"]
@@ -310,6 +348,10 @@ def translate_file(translator: Translator, input: str, output: Path | None,
             source.close()
     summary = speed.summary()
     summary["truncated"] = truncated
+    if flag_below is not None:
+        console.print(f"{len(flagged)} lines with mean token log-probability below "
+                      f"{flag_below}: {' '.join(map(str, flagged)) or '-'}", highlight=False)
+        summary["flagged"] = flagged
     return summary
 
 
@@ -325,6 +367,7 @@ def _open_input(path: Path):
 def _as_record(result: Translation) -> dict:
     return {"source": result.source, "translation": result.best,
             "truncated": result.truncated,
+            **({"confidence": result.confidence} if result.confidence is not None else {}),
             "nbest": [{"translation": text, "logprob": round(h.logprob, 4),
                        "score": round(h.score, 4),
                        "probability": round(probability_percent(h.logprob), 6),
@@ -333,8 +376,12 @@ def _as_record(result: Translation) -> dict:
 
 
 def format_probabilities(result: Translation) -> str:
-    """The 'probability · candidate' table of a textbook's list of completions."""
+    """The 'probability · candidate' table of a textbook's list of completions: the source,
+    then one line per candidate, e.g. '  3.1%  Je suis un bon chien.' (percent with one
+    decimal, right-aligned; '<0.1%' for less)."""
     lines = [f"  {result.source}"]
     for text, h in zip(result.texts, result.hypotheses):
-        lines.append(f"  {probability_percent(h.logprob):7.3f}%  {text}")
+        percent = probability_percent(h.logprob)
+        shown = f"{percent:.1f}%" if percent >= 0.05 else "<0.1%"
+        lines.append(f"{shown:>6}  {text}")  # "  3.1%  ...", " 42.0%  ...", "100.0%  ..."
     return "\n".join(lines)
