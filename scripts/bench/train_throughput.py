@@ -11,29 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
+import sys
 import time
 from pathlib import Path
 
 import datasets
 import torch
 
-from traduire.config import load_config, replace
-from traduire.data import EncodedCorpus
-from traduire.pipeline import prepare_data, prepare_tokenizer
-from traduire.tokenizer import Tokenizer
-from traduire.train import Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_DATA, machine, peak_rss_mib  # noqa: E402
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+from traduire.config import load_config, replace  # noqa: E402
+from traduire.data import EncodedCorpus  # noqa: E402
+from traduire.pipeline import prepare_data, prepare_tokenizer  # noqa: E402
+from traduire.tokenizer import Tokenizer  # noqa: E402
+from traduire.train import Trainer  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +41,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config override")
     args = parser.parse_args()
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, [f"data.dir={DEFAULT_DATA}", *args.set])
     config = replace(config, train={"precision": args.precision, "threads": args.threads,
                                     "progress": False})
     run_dir = Path(args.run_dir)
@@ -78,8 +70,7 @@ def main() -> None:
         "src_tgt_tokens_per_s": round((src + tgt) / seconds, 1),
         "tgt_tokens_per_s": round(tgt / seconds, 1),
         "steps_per_s": round(args.steps / seconds, 3),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "torch": torch.__version__, "cpu": cpu_model(),
+        "peak_rss_mib": peak_rss_mib(), **machine(),
     }
     print(json.dumps(result))
     print(f"{'source+target tokens/s':<24}{result['src_tgt_tokens_per_s']:>12,.0f}")
