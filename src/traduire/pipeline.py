@@ -35,7 +35,7 @@ from traduire.config import BOUND_KEYS, Config, changed_keys, fingerprint
 from traduire.data import EncodedCorpus, clean, load_corpus
 from traduire.errors import CheckpointError, DataError, TraduireError
 from traduire.tokenizer import Tokenizer, encode_corpus, train_tokenizer
-from traduire.train import Trainer, TrainState
+from traduire.train import Trainer, TrainState, resolve_device
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -80,8 +80,7 @@ def check_run_dir(run_dir: Path, config: Config, overwrite: bool) -> str | None:
 def run(config: Config, run_dir: Path, overwrite: bool = False) -> TrainState:
     """Run every stage that is not already done, then train (or continue training)."""
     run_dir = Path(run_dir)
-    ctx = distributed.init("cuda" if config.train.device.startswith("cuda") or (
-        config.train.device == "auto" and _cuda()) else "cpu")
+    ctx = distributed.init(resolve_device(config.train.device).type)
     redo = check_run_dir(run_dir, config, overwrite)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -206,8 +205,3 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     return value
 
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
