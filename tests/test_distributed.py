@@ -115,6 +115,8 @@ def test_an_error_on_one_rank_ends_the_whole_job_quickly(tmp_path, corpus_dir):
     elapsed = time.monotonic() - started
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.stderr
+    # The bystander says why it stops in one line instead of a second traceback.
+    assert "rank 0: stopping because another rank failed" in result.stderr
     # Start-up (two interpreters importing torch) takes most of this; a hang would take the
     # whole distributed timeout.
     assert elapsed < 50, f"job took {elapsed:.0f}s to end"

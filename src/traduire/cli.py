@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from traduire.errors import TraduireError
 
@@ -42,21 +43,43 @@ def command(fn):
         except TraduireError as e:
             if _debug:
                 raise
-            stderr.print(f"[bold red]error:[/] {e}", highlight=False, markup=True,
+            stderr.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
                          soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             stderr.print("interrupted")
             raise typer.Exit(130) from None
-        except OSError as e:  # disk full, permissions, a directory where a file should be
-            if _debug:
+        except Exception as e:
+            if not _debug and _failed_elsewhere(e):
+                # This rank only saw a peer vanish; the peer's own error is the one to read.
+                stderr.print(f"rank {_rank()}: stopping because another rank failed")
+                raise typer.Exit(1) from None
+            if not isinstance(e, OSError) or _debug:
                 raise
             where = f"{e.filename}: " if e.filename else ""
-            stderr.print(f"[bold red]error:[/] {where}{e.strerror or e}", highlight=False,
-                         soft_wrap=True)
+            stderr.print(f"[bold red]error:[/] {escape(where + str(e.strerror or e))}",
+                         highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return app.command()(wrapper)
+
+
+def _failed_elsewhere(error: Exception) -> bool:
+    """Whether this is a collective operation failing because another rank died."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    message = str(error)
+    return isinstance(error, dist.DistError) or any(
+        sign in message for sign in ("Connection closed by peer", "Connection reset by peer",
+                                     "remote worker crashing", "NCCL communicator was aborted"))
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 RunDir = Annotated[Path, typer.Option("--run-dir", "-r", help="Run directory: everything a run "
@@ -84,11 +107,13 @@ def train(
         config = run_dir / "config.yaml"
         if not config.exists():
             raise TraduireError(f"{run_dir} has no config.yaml yet: give --config")
+    from traduire import distributed
     from traduire.train import TrainingInterrupted
 
     cfg = load_config(config, set_ or [])
     try:
         state = run(cfg, run_dir, overwrite=overwrite)
+        distributed.shutdown()
     except TrainingInterrupted as stop:
         stderr.print(f"stopped by {stop.signal_name} at step {stop.step}; checkpoint "
                      f"{stop.checkpoint}. To resume: traduire train --run-dir {run_dir}")
