@@ -95,8 +95,9 @@ def move_aside(paths: list[Path], run_dir: Path) -> Path | None:
     existing = [p for p in paths if p.exists()]
     if not existing:
         return None
-    target = run_dir / "old" / time.strftime("%Y%m%d-%H%M%S")
-    target.mkdir(parents=True, exist_ok=True)
+    (run_dir / "old").mkdir(parents=True, exist_ok=True)
+    # A fresh directory each time, even twice in one second: nothing moved aside is replaced.
+    target = Path(tempfile.mkdtemp(dir=run_dir / "old", prefix=time.strftime("%Y%m%d-%H%M%S-")))
     for p in existing:
         os.replace(p, target / p.name)
     return target
@@ -116,19 +117,48 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     """Read a checkpoint safely. Raises CheckpointError naming the file if it is missing,
     truncated, not a checkpoint, unsafe, or written by a newer traduire."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle, zip and torch errors all mean "not a usable checkpoint"
-        reason = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"{path}: not a readable traduire checkpoint ({reason})") from None
+        raise CheckpointError(f"{path}: not a readable traduire checkpoint "
+                              f"({_why_unreadable(path, e)})") from None
     if not isinstance(state, dict) or "model" not in state or "format_version" not in state:
         raise CheckpointError(f"{path}: not a traduire checkpoint (no model weights)")
     if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer traduire (checkpoint format "
                               f"{state['format_version']}, this version reads {FORMAT_VERSION})")
     return state
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """torch.load's error, put in words a user can act on."""
+    message = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(error).split()))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    if not head:
+        return "the file is empty"
+    if not head.startswith((b"PK", b"\x80")):  # neither torch's zip format nor a pickle
+        return f"not a torch checkpoint file; it starts with {head!r}"
+    if "Weights only load failed" in message:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+        if found:
+            return (f"it holds Python objects ({found.group(1)}), not only tensors and plain "
+                    "data; they were not loaded, since unpickling them could run code")
+        found = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)",
+                          message)
+        return ("not a pickle that is safe to load"
+                + (f" ({found.group(1)})" if found else "")
+                + "; it was not unpickled, since that could run code")
+    if head.startswith(b"PK"):
+        return f"a truncated, damaged or foreign zip archive: {message[:120]}"
+    return message[:200]
 
 
 def step_checkpoints(directory: Path) -> list[Path]:

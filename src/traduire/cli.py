@@ -172,6 +172,9 @@ def translate(
     show_probs: Annotated[bool, typer.Option(
         "--show-probs", help="Print a table of candidates and their probabilities on stderr.")]
         = False,
+    flag_below: Annotated[float | None, typer.Option(
+        "--flag-below", help="Warn on stderr about lines whose mean token log-probability is "
+        "below this (a sign of a hallucinated or failed translation).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Translate a text file: exactly one output line per input line, in input order."""
@@ -183,7 +186,7 @@ def translate(
                               batch_size, sample, seed)
     translator = Translator.load(run_dir, checkpoint, device)
     stats = translate_file(translator, input, output, options, format=format,
-                           show_probs=show_probs, progress=not quiet)
+                           show_probs=show_probs, progress=not quiet, flag_below=flag_below)
     stderr.print(f"translated {stats['sentences']:,} lines in {stats['seconds']:.1f}s "
                  f"({stats['sentences_per_s']:.1f} sentences/s, "
                  f"{stats['tokens_per_s']:.0f} tokens/s)")
@@ -287,7 +290,8 @@ def attention(
         "--cross", help="Show the decoder's cross-attention from each word of the model's own "
         "translation to the source words (a soft alignment).")] = False,
     plot: Annotated[Path | None, typer.Option(
-        "--plot", help="Also draw heatmaps to this PNG (needs traduire[plot]).")] = None,
+        "--plot", help="Also draw heatmaps to this PNG (needs matplotlib: the 'plot' "
+        "extra of traduire).")] = None,
     panels: Annotated[str, typer.Option(
         help="--plot panels: layers (each averaged over its heads) or heads (of --layer).")]
         = "layers",
@@ -295,7 +299,7 @@ def attention(
                                        "default the last.")] = 0,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     checkpoint: Checkpoint = None,
-    device: Device = "cpu",
+    device: Device = "auto",
     beam: Beam = 5,
 ) -> None:
     """Show which source words a word attends to (encoder self-attention), per layer and head
@@ -373,10 +377,11 @@ def score(
     source line (total and per-token log-probability, perplexity, probability)."""
     import json
 
-    from traduire.inspect_model import read_lines_of, score_lines, score_pairs
+    from traduire.evaluate import read_text
+    from traduire.inspect_model import score_lines, score_pairs
     from traduire.translate import Translator
 
-    sources, targets = read_lines_of(src), read_lines_of(tgt)
+    sources, targets = read_text(src), read_text(tgt)
     if len(sources) != len(targets):
         raise TraduireError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}")
     translator = Translator.load(run_dir, checkpoint, device)

@@ -246,6 +246,12 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
         return tuple(_coerce(v, a, key, origin) for v, a in zip(value, args))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string; everyone means the number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. a Bible version "4" written without quotes
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

@@ -9,6 +9,7 @@ Corpus sources:
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -46,20 +47,7 @@ def _load_files(cfg: DataConfig, prefix: str, cache_dir: Path) -> datasets.Datas
     root = Path(cfg.dir).expanduser()
     if cfg.format == "text":
         src_path, tgt_path = (root / f"{prefix}.{lang}" for lang in (cfg.src_lang, cfg.tgt_lang))
-        bad_lines = _find_invalid_utf8(src_path, cfg) | _find_invalid_utf8(tgt_path, cfg)
-        sides = [_load_text(path, cache_dir, bool(bad_lines)) for path in (src_path, tgt_path)]
-        if len(sides[0]) != len(sides[1]):
-            raise DataError(f"{src_path} has {len(sides[0])} lines but {tgt_path} has "
-                            f"{len(sides[1])}; aligned files need equal line counts")
-        pairs = datasets.concatenate_datasets(
-            [sides[0].rename_column("text", "src"), sides[1].rename_column("text", "tgt")],
-            axis=1)
-        if bad_lines:
-            log.warning("skipping %d line pairs with invalid UTF-8", len(bad_lines))
-            pairs = pairs.select([i for i in range(len(pairs)) if i not in bad_lines])
-            # Counted by clean() into the data report with the other dropped pairs.
-            pairs.skipped_invalid_utf8 = len(bad_lines)
-        return pairs
+        return _load_aligned_text(src_path, tgt_path, cfg.skip_invalid_utf8, cache_dir)
     path = root / f"{prefix}.{cfg.format}"
     _require_file(path)
     try:
@@ -78,10 +66,55 @@ def _load_files(cfg: DataConfig, prefix: str, cache_dir: Path) -> datasets.Datas
                                          "tgt": datasets.Value("string")}))
 
 
-def _load_text(path: Path, cache_dir: Path, replace_errors: bool) -> datasets.Dataset:
-    return datasets.load_dataset(
-        "text", data_files=str(path), split="train", keep_linebreaks=False,
-        encoding_errors="replace" if replace_errors else "strict", cache_dir=str(cache_dir))
+def _load_aligned_text(src_path: Path, tgt_path: Path, skip_invalid: bool, cache_dir: Path
+                       ) -> datasets.Dataset:
+    """Two aligned text files as one dataset, in a single streaming pass.
+
+    Lines end at '\n' only ('\r\n' is accepted; a lone '\r' or a Unicode line separator is
+    part of the sentence), the way `wc -l` and most corpus tools count them. A line that is
+    not UTF-8 is an error naming file, line and byte offset, or, with `skip_invalid`, a pair
+    marked `invalid` for clean() to drop and count.
+    """
+    for path in (src_path, tgt_path):
+        _require_file(path)
+    # File sizes and times in the arguments: an edited file must not come from the cache.
+    # (Tuples, not lists: `datasets` would shard a list argument.)
+    src, tgt = ((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in (src_path, tgt_path))
+    try:
+        return datasets.Dataset.from_generator(
+            _aligned_pairs, gen_kwargs={"src": src, "tgt": tgt, "skip_invalid": skip_invalid},
+            cache_dir=str(cache_dir))
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise DataError(str(cause)) from None
+        raise
+
+
+def _aligned_pairs(src: tuple[str, int, int], tgt: tuple[str, int, int], skip_invalid: bool):
+    paths = (src[0], tgt[0])
+    offsets = [0, 0]
+    with open(paths[0], "rb") as src_file, open(paths[1], "rb") as tgt_file:
+        for number, raw_pair in enumerate(itertools.zip_longest(src_file, tgt_file), 1):
+            if None in raw_pair:
+                counts = [sum(1 for _ in open(path, "rb")) for path in paths]
+                raise DataError(f"{paths[0]} has {counts[0]} lines but {paths[1]} has "
+                                f"{counts[1]}; aligned files need equal line counts")
+            texts = []
+            for side, raw in enumerate(raw_pair):
+                try:
+                    texts.append(raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    if not skip_invalid:
+                        raise DataError(
+                            f"{paths[side]}:{number}: invalid UTF-8 at byte "
+                            f"{offsets[side] + e.start} (set data.skip_invalid_utf8=true to "
+                            "skip such lines)") from None
+                    texts.append(None)
+                offsets[side] += len(raw)
+            yield {"src": texts[0] or "", "tgt": texts[1] or "", "invalid": None in texts}
 
 
 def _load_hub(cfg: DataConfig, split: str, cache_dir: Path) -> datasets.Dataset:
@@ -130,26 +163,6 @@ def _require_file(path: Path) -> None:
         raise DataError(f"{path}: file not found")
 
 
-def _find_invalid_utf8(path: Path, cfg: DataConfig) -> set[int]:
-    """0-based numbers of lines that are not valid UTF-8. Raises at the first one unless
-    data.skip_invalid_utf8 is set, naming the file, line and byte offset."""
-    _require_file(path)
-    bad: set[int] = set()
-    offset = 0
-    with open(path, "rb") as f:
-        for number, line in enumerate(f):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                if not cfg.skip_invalid_utf8:
-                    raise DataError(f"{path}:{number + 1}: invalid UTF-8 at byte {offset + e.start}"
-                                    " (set data.skip_invalid_utf8=true to skip such lines)"
-                                    ) from None
-                bad.add(number)
-            offset += len(line)
-    return bad
-
-
 def _root_cause(error: BaseException) -> str:
     while error.__cause__ is not None:
         error = error.__cause__
@@ -166,11 +179,14 @@ def clean(pairs: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.Dataset, d
 
     def judge(batch: dict) -> dict:
         reasons, srcs, tgts = [], [], []
-        for src, tgt in zip(batch["src"], batch["tgt"]):
+        invalid = batch.get("invalid") or [False] * len(batch["src"])
+        for src, tgt, bad_bytes in zip(batch["src"], batch["tgt"], invalid):
             src, tgt = (src or "").strip(), (tgt or "").strip()
             n_src, n_tgt = len(src.split()), len(tgt.split())
             reason = ""
-            if not n_src or not n_tgt:
+            if bad_bytes:
+                reason = "invalid_utf8"
+            elif not n_src or not n_tgt:
                 reason = "empty"
             elif max(n_src, n_tgt) > cfg.max_words:
                 reason = "too_long"
@@ -188,10 +204,8 @@ def clean(pairs: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.Dataset, d
     # One process: the duplicate check needs to see every pair in order.
     judged = pairs.map(judge, batched=True, batch_size=10_000)
     dropped = Counter(r for r in judged["drop"] if r)
-    if getattr(pairs, "skipped_invalid_utf8", 0):  # dropped while loading (data.py, files)
-        dropped["invalid_utf8"] = pairs.skipped_invalid_utf8
     kept = judged.filter(lambda drop: [not r for r in drop], input_columns="drop", batched=True)
-    return kept.remove_columns("drop"), dict(dropped)
+    return kept.select_columns(["src", "tgt"]), dict(dropped)
 
 
 # --- Batching ----------------------------------------------------------------------------------

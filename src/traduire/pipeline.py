@@ -147,9 +147,13 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
     cache = run_dir / "cache"
     cache.mkdir(exist_ok=True)
+    # The cache file is named by the settings that made it: `datasets` reuses a cache file
+    # by name alone, so a retrained tokenizer must never find the old one.
+    key = fingerprint(_plain({**stage_settings(config, "data"),
+                              **stage_settings(config, "tokenizer")}))
     with atomic_directory(run_dir / "encoded") as out:
         for split, pairs in (("train", train), ("valid", valid)):
-            encoded = encode_corpus(pairs, tokenizer, cache / f"encoded-{split}.arrow")
+            encoded = encode_corpus(pairs, tokenizer, cache / f"encoded-{split}-{key}.arrow")
             encoded.save_to_disk(str(out / split))
             console.print(f"  {split}: {sum(encoded['src_len']):,} source and "
                           f"{sum(encoded['tgt_len']):,} target pieces")

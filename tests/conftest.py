@@ -1,0 +1,95 @@
+"""Shared fixtures: a toy English->French corpus and a tiny config that trains on it in seconds."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+# A made-up word-for-word mapping: enough structure for a tiny model to learn, few pieces.
+LEXICON = {
+    "the": "le", "a": "un", "dog": "chien", "cat": "chat", "bird": "oiseau", "horse": "cheval",
+    "runs": "court", "sleeps": "dort", "eats": "mange", "sings": "chante", "jumps": "saute",
+    "big": "grand", "small": "petit", "red": "rouge", "green": "vert", "here": "ici",
+    "now": "maintenant", "today": "aujourd'hui",
+}
+DETERMINERS = ["the", "a"]
+ADJECTIVES = ["big", "small", "red", "green"]
+NOUNS = ["dog", "cat", "bird", "horse"]
+VERBS = ["runs", "sleeps", "eats", "sings", "jumps"]
+ADVERBS = ["here", "now", "today"]
+
+
+def make_pair(rng: random.Random) -> tuple[str, str]:
+    words = [rng.choice(DETERMINERS)]
+    if rng.random() < 0.5:
+        words.append(rng.choice(ADJECTIVES))
+    words += [rng.choice(NOUNS), rng.choice(VERBS)]
+    if rng.random() < 0.5:
+        words.append(rng.choice(ADVERBS))
+    return " ".join(words), " ".join(LEXICON[w] for w in words)
+
+
+def write_corpus(directory: Path, n_train: int = 200, n_valid: int = 20, seed: int = 0) -> Path:
+    """Write train.en/train.fr/val.en/val.fr into `directory` and return it."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("val", n_valid)):
+        pairs = [make_pair(rng) for _ in range(n)]
+        (directory / f"{prefix}.en").write_text("".join(s + "\n" for s, _ in pairs), "utf-8")
+        (directory / f"{prefix}.fr").write_text("".join(t + "\n" for _, t in pairs), "utf-8")
+    return directory
+
+
+TINY_SETTINGS = {
+    "tokenizer": {"vocab_size": 40},
+    "model": {"layers": 1, "d_model": 32, "heads": 2, "ffn_dim": 64, "max_positions": 64},
+    "train": {"batch_tokens": 256, "max_steps": 20, "warmup_steps": 10, "save_every": 10,
+              "valid_every": 10, "log_every": 5, "lr": 0.003, "progress": False},
+}
+
+
+def tiny_settings(data_dir: Path, **sections: dict) -> dict:
+    """The tiny config as a dict, with some keys of some sections replaced."""
+    settings = {"data": {"dir": str(data_dir)}}
+    for name, values in TINY_SETTINGS.items():
+        settings[name] = dict(values)
+    for name, values in sections.items():
+        settings.setdefault(name, {}).update(values)
+    return settings
+
+
+def write_config(path: Path, settings: dict) -> Path:
+    path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """The machine is shared: keep torch to one thread in every test (and restore after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    """A fresh toy aligned corpus (200 train / 20 valid pairs) in tmp_path/data."""
+    return write_corpus(tmp_path / "data")
+
+
+@pytest.fixture
+def tiny_config_path(tmp_path: Path, corpus_dir: Path) -> Path:
+    """A tiny YAML config (1 layer, d_model 32, 40 pieces, 20 steps) for `corpus_dir`."""
+    return write_config(tmp_path / "tiny.yaml", tiny_settings(corpus_dir))
+
+
+@pytest.fixture
+def tiny_config(tiny_config_path: Path):
+    from traduire.config import load_config
+
+    return load_config(tiny_config_path)

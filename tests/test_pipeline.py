@@ -1,0 +1,215 @@
+"""Tests for traduire.pipeline: stage records, skipping, refusing changes, overwrite, resuming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import yaml
+
+from traduire.checkpoint import load_checkpoint, step_checkpoints
+from traduire.config import load_config
+from traduire.errors import CheckpointError, TraduireError
+from traduire.pipeline import run
+from traduire.tokenizer import Tokenizer
+
+SHORT = ["train.max_steps=10"]
+
+
+def metric_steps(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r["step"] for r in map(json.loads, lines) if "loss" in r]
+
+
+def mtimes(run_dir: Path) -> dict[str, int]:
+    """Modification times of every file of the data and tokenizer stages."""
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns
+            for stage in ("data", "tokenizer", "encoded") for p in (run_dir / stage).rglob("*")
+            if p.is_file()}
+
+
+@pytest.fixture
+def first_run(tiny_config_path, tmp_path, capsys) -> Path:
+    run_dir = tmp_path / "run"
+    state = run(load_config(tiny_config_path, SHORT), run_dir)
+    assert state.step == 10
+    capsys.readouterr()
+    return run_dir
+
+
+def test_first_run_fills_the_run_directory(first_run, tiny_config_path):
+    for name in ("run.json", "config.yaml", "stages/data.json", "stages/tokenizer.json",
+                 "stages/model.json", "data/report.json", "tokenizer/spm.model",
+                 "best.pt", "metrics.jsonl"):
+        assert (first_run / name).is_file(), name
+    assert (first_run / "encoded" / "train").is_dir()
+    assert [p.name for p in step_checkpoints(first_run / "checkpoints")] == ["step_00000010.pt"]
+    assert json.loads((first_run / "run.json").read_text())["format_version"] == 1
+    saved = yaml.safe_load((first_run / "config.yaml").read_text())
+    assert saved["model"]["d_model"] == 32 and saved["train"]["max_steps"] == 10
+    # The saved config loads back to the config that ran.
+    assert load_config(first_run / "config.yaml") == load_config(tiny_config_path, SHORT)
+    report = json.loads((first_run / "data" / "report.json").read_text())
+    assert report["train"]["read"] == 200
+    assert report["train"]["kept"] + sum(report["train"]["dropped"].values()) == 200
+    tokenizer = Tokenizer.load(first_run / "tokenizer")
+    assert tokenizer.src_vocab_size == 40
+    encoded = datasets.load_from_disk(str(first_run / "encoded" / "train"))
+    assert len(encoded) == report["train"]["kept"]
+    assert list(encoded["src_ids"]) == tokenizer.encode_src(list(encoded["src"]))
+    assert list(encoded["src_len"]) == [len(ids) for ids in encoded["src_ids"]]
+
+
+def test_second_run_skips_data_and_tokenizer(first_run, tiny_config_path, capsys):
+    before = mtimes(first_run)
+    assert before
+    state = run(load_config(tiny_config_path, ["train.max_steps=15"]), first_run)
+    err = capsys.readouterr().err
+    assert "data: done (skipped)" in err
+    assert "tokenizer: done (skipped)" in err
+    assert "loading and cleaning" not in err and "training SentencePiece" not in err
+    assert mtimes(first_run) == before
+    assert state.step == 15
+
+
+def test_changed_vocab_size_is_refused_naming_the_key(first_run, tiny_config_path):
+    before = mtimes(first_run)
+    config_before = (first_run / "config.yaml").read_text()
+    with pytest.raises(TraduireError) as info:
+        run(load_config(tiny_config_path, SHORT + ["tokenizer.vocab_size=48"]), first_run)
+    message = str(info.value)
+    assert "tokenizer.vocab_size" in message and "--overwrite" in message
+    assert "data." not in message  # the data stage did not change
+    # Nothing was touched.
+    assert mtimes(first_run) == before
+    assert (first_run / "config.yaml").read_text() == config_before
+    assert not (first_run / "old").exists()
+
+
+def test_changed_model_or_training_key_is_refused(first_run, tiny_config_path):
+    with pytest.raises(TraduireError, match=r"model\.d_model"):
+        run(load_config(tiny_config_path, SHORT + ["model.d_model=16"]), first_run)
+    with pytest.raises(TraduireError, match=r"train\.lr"):
+        run(load_config(tiny_config_path, SHORT + ["train.lr=0.001"]), first_run)
+    with pytest.raises(TraduireError, match=r"data\.max_words"):
+        run(load_config(tiny_config_path, SHORT + ["data.max_words=10"]), first_run)
+
+
+def test_overwrite_redoes_tokenizer_and_model_and_keeps_old_outputs(first_run, tiny_config_path,
+                                                                    capsys):
+    old_model = (first_run / "tokenizer" / "spm.model").read_bytes()
+    old_metrics = (first_run / "metrics.jsonl").read_text()
+    data_before = {k: v for k, v in mtimes(first_run).items() if k.startswith("data")}
+    config = load_config(tiny_config_path, SHORT + ["tokenizer.vocab_size=48"])
+    state = run(config, first_run, overwrite=True)
+    err = capsys.readouterr().err
+    assert state.step == 10
+    assert "data: done (skipped)" in err and "training SentencePiece" in err
+    assert "resuming" not in err  # the model stage started over
+
+    (old,) = (first_run / "old").iterdir()
+    assert (old / "tokenizer" / "spm.model").read_bytes() == old_model
+    assert (old / "encoded" / "train").is_dir()
+    assert [p.name for p in step_checkpoints(old / "checkpoints")] == ["step_00000010.pt"]
+    assert (old / "best.pt").is_file()
+    assert (old / "metrics.jsonl").read_text() == old_metrics
+    assert not (old / "data").exists()  # the data stage was not redone
+    old_record = json.loads((old / "tokenizer.json").read_text())  # the old stage record
+    assert old_record["settings"]["tokenizer"]["vocab_size"] == 40
+
+    assert Tokenizer.load(first_run / "tokenizer").src_vocab_size == 48
+    assert {k: v for k, v in mtimes(first_run).items() if k.startswith("data")} == data_before
+    assert metric_steps(first_run) == [5, 10]  # a fresh metrics file
+    weights = load_checkpoint(first_run / "checkpoints" / "step_00000010.pt")["model"]
+    assert weights["decoder.embedding.weight"].shape == (48, 32)
+    record = json.loads((first_run / "stages" / "tokenizer.json").read_text())
+    assert record["settings"]["tokenizer"]["vocab_size"] == 48
+    # The run directory now matches the new config: a plain run goes on without complaint.
+    assert run(load_config(tiny_config_path, ["train.max_steps=15",
+                                              "tokenizer.vocab_size=48"]), first_run).step == 15
+
+
+def test_overwrite_encodes_with_the_new_tokenizer(first_run, tiny_config_path):
+    run(load_config(tiny_config_path, SHORT + ["tokenizer.vocab_size=48"]), first_run,
+        overwrite=True)
+    tokenizer = Tokenizer.load(first_run / "tokenizer")
+    for split in ("train", "valid"):
+        encoded = datasets.load_from_disk(str(first_run / "encoded" / split))
+        assert list(encoded["src_ids"]) == tokenizer.encode_src(list(encoded["src"]))
+        assert list(encoded["tgt_ids"]) == tokenizer.encode_tgt(list(encoded["tgt"]))
+
+
+def test_overwrite_of_a_model_key_keeps_data_and_tokenizer(first_run, tiny_config_path):
+    before = mtimes(first_run)
+    state = run(load_config(tiny_config_path, SHORT + ["model.ffn_dim=32"]), first_run,
+                overwrite=True)
+    assert state.step == 10
+    assert mtimes(first_run) == before
+    (old,) = (first_run / "old").iterdir()
+    # The model stage's outputs and its record; the data and tokenizer stages stay.
+    assert sorted(p.name for p in old.iterdir()) == ["best.pt", "checkpoints", "metrics.jsonl",
+                                                     "model.json"]
+    weights = load_checkpoint(first_run / "checkpoints" / "step_00000010.pt")["model"]
+    assert weights["encoder.layers.0.ffn.linear1.weight"].shape == (32, 32)
+
+
+def test_overwrite_without_changes_changes_nothing(first_run, tiny_config_path):
+    state = run(load_config(tiny_config_path, SHORT), first_run, overwrite=True)
+    assert state.step == 10
+    assert not (first_run / "old").exists()
+
+
+def test_raising_max_steps_continues_from_the_last_step(first_run, tiny_config_path, capsys):
+    state = run(load_config(tiny_config_path, ["train.max_steps=20"]), first_run)
+    err = capsys.readouterr().err
+    assert "resuming at step 10" in err
+    assert state.step == 20
+    assert metric_steps(first_run) == [5, 10, 15, 20]
+    assert [p.name for p in step_checkpoints(first_run / "checkpoints")] == [
+        "step_00000010.pt", "step_00000020.pt"]
+
+
+def test_reaching_the_limit_again_does_nothing(first_run, tiny_config_path, capsys):
+    checkpoint = first_run / "checkpoints" / "step_00000010.pt"
+    before = checkpoint.stat().st_mtime_ns
+    state = run(load_config(tiny_config_path, SHORT), first_run)
+    assert state.step == 10
+    assert "nothing to do" in capsys.readouterr().err
+    assert checkpoint.stat().st_mtime_ns == before
+    assert metric_steps(first_run) == [5, 10]
+
+
+def test_changing_a_bound_key_is_allowed(first_run, tiny_config_path):
+    state = run(load_config(tiny_config_path, ["train.max_steps=16", "train.log_every=4",
+                                               "train.keep_last=1"]), first_run)
+    assert state.step == 16
+    assert metric_steps(first_run) == [5, 10, 12, 16]
+    assert [p.name for p in step_checkpoints(first_run / "checkpoints")] == ["step_00000016.pt"]
+    assert yaml.safe_load((first_run / "config.yaml").read_text())["train"]["log_every"] == 4
+
+
+def test_newer_run_directory_format_is_refused(tiny_config_path, tmp_path):
+    run_dir = tmp_path / "future"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(CheckpointError) as info:
+        run(load_config(tiny_config_path, SHORT), run_dir)
+    assert "99" in str(info.value) and "newer" in str(info.value)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["run.json"]
+
+
+def test_unreadable_run_record_is_refused(tiny_config_path, tmp_path):
+    run_dir = tmp_path / "broken"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="run.json"):
+        run(load_config(tiny_config_path, SHORT), run_dir)
+
+
+def test_empty_training_corpus_after_cleaning(tiny_config_path, corpus_dir, tmp_path):
+    for name in ("train.en", "train.fr"):
+        (corpus_dir / name).write_text("\n\n\n", encoding="utf-8")
+    with pytest.raises(TraduireError, match="empty after cleaning"):
+        run(load_config(tiny_config_path, SHORT), tmp_path / "run")

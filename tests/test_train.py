@@ -1,0 +1,210 @@
+"""Tests for traduire.train: learning, the learning-rate schedule, and exact resumption."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_settings, write_config, write_corpus
+from traduire.checkpoint import load_checkpoint, step_checkpoints
+from traduire.config import load_config
+from traduire.data import collate
+from traduire.pipeline import run
+from traduire.train import build_model, inverse_sqrt_lr
+
+PAD, BOS, EOS = 0, 2, 3
+
+
+# --- learning ----------------------------------------------------------------------------------
+
+
+def test_tiny_model_overfits_twenty_pairs(tiny_config_path):
+    config = load_config(tiny_config_path, ["model.dropout=0"])
+    vocab = 40
+    tokenizer = SimpleNamespace(src_vocab_size=vocab, tgt_vocab_size=vocab, pad_id=PAD)
+    torch.manual_seed(0)
+    model = build_model(config, tokenizer)
+    assert model.shape.d_model == 32 and len(model.encoder.layers) == 1
+    assert model.shape.dropout == 0.0
+
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(3, 8, (20,), generator=gen).tolist()
+    src = [torch.randint(4, vocab, (n,), generator=gen).tolist() for n in lengths]
+    tgt = [[(t + 3) % (vocab - 4) + 4 for t in reversed(s)] for s in src]  # reverse and shift
+    batch = collate(src, tgt, pad=PAD, bos=BOS, eos=EOS)
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98))
+    model.train()
+    first = None
+    for _ in range(200):
+        logits = model(batch.src, batch.tgt_in)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD)
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > 3.0  # about log(40) at the start
+    assert loss.item() < 0.02
+    model.eval()
+    with torch.no_grad():
+        predicted = model(batch.src, batch.tgt_in).argmax(-1)
+    real = batch.tgt_out != PAD
+    assert torch.equal(predicted[real], batch.tgt_out[real])
+
+
+# --- learning rate -----------------------------------------------------------------------------
+
+
+def test_inverse_sqrt_lr_warmup_and_decay():
+    peak, warmup = 0.004, 100
+    # Linear warmup from ~0 to the peak.
+    assert inverse_sqrt_lr(1, peak, warmup) == pytest.approx(peak / 100)
+    assert inverse_sqrt_lr(50, peak, warmup) == pytest.approx(peak / 2)
+    assert inverse_sqrt_lr(100, peak, warmup) == pytest.approx(peak)
+    # Then 1/sqrt(step) decay: 4x the steps, half the rate.
+    assert inverse_sqrt_lr(400, peak, warmup) == pytest.approx(peak / 2)
+    assert inverse_sqrt_lr(10_000, peak, warmup) == pytest.approx(peak / 10)
+    rates = [inverse_sqrt_lr(s, peak, warmup) for s in range(1, 1000)]
+    assert max(rates) == pytest.approx(peak)
+    assert rates.index(max(rates)) == warmup - 1
+    assert all(a < b for a, b in zip(rates[:warmup - 1], rates[1:warmup]))
+    assert all(a > b for a, b in zip(rates[warmup - 1:], rates[warmup:]))
+    # Step 0 (before the first update) is not zero, nor is a schedule without warmup.
+    assert inverse_sqrt_lr(0, peak, warmup) > 0
+    assert inverse_sqrt_lr(1, peak, 0) == pytest.approx(peak)
+    assert inverse_sqrt_lr(4, peak, 0) == pytest.approx(peak / 2)
+
+
+# --- resuming ----------------------------------------------------------------------------------
+
+N = 10  # run B stops here and resumes; run A goes straight to 2N
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def valid_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["valid_loss"] for r in read_metrics(run_dir) if "valid_loss" in r}
+
+
+def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    last = step_checkpoints(run_dir / "checkpoints")[-1]
+    assert last.name == f"step_{step:08d}.pt"
+    state = load_checkpoint(last)
+    assert state["train_state"]["step"] == step
+    return state["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("resume")
+
+
+@pytest.fixture(scope="module")
+def corpus(workspace) -> Path:
+    return write_corpus(workspace / "data")
+
+
+@pytest.fixture(scope="module")
+def straight_run(workspace, corpus) -> Path:
+    """Run A: 2N steps in one go (dropout on, so the RNG state matters on resume)."""
+    torch.set_num_threads(1)
+    path = write_config(workspace / "a.yaml", tiny_settings(corpus, train={"max_steps": 2 * N}))
+    state = run(load_config(path), workspace / "run_a")
+    assert state.step == 2 * N
+    return workspace / "run_a"
+
+
+def test_training_reduces_loss_and_uses_the_schedule(straight_run):
+    losses = train_losses(straight_run)
+    assert sorted(losses) == [5, 10, 15, 20]
+    assert losses[20] < losses[5]
+    valid = valid_losses(straight_run)
+    assert sorted(valid) == [10, 20] and valid[20] < valid[10]
+    for record in read_metrics(straight_run):
+        if "lr" in record:
+            assert record["lr"] == pytest.approx(inverse_sqrt_lr(record["step"], 0.003, 10))
+    assert (straight_run / "best.pt").is_file()
+    best = load_checkpoint(straight_run / "best.pt")
+    assert best["train_state"]["best_valid_loss"] == pytest.approx(valid[20], abs=1e-4)
+
+
+def test_resume_gives_the_same_weights_and_losses(workspace, corpus, straight_run):
+    path = write_config(workspace / "b.yaml", tiny_settings(corpus, train={"max_steps": N}))
+    run_b = workspace / "run_b"
+    state = run(load_config(path), run_b)
+    assert state.step == N
+    assert [p.name for p in step_checkpoints(run_b / "checkpoints")] == [f"step_{N:08d}.pt"]
+    state = run(load_config(path, [f"train.max_steps={2 * N}"]), run_b)
+    assert state.step == 2 * N
+
+    assert_same_weights(final_weights(straight_run, 2 * N), final_weights(run_b, 2 * N))
+    losses_a, losses_b = train_losses(straight_run), train_losses(run_b)
+    assert sorted(losses_b) == sorted(losses_a)
+    for step, loss in losses_a.items():
+        assert losses_b[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+    assert valid_losses(run_b) == valid_losses(straight_run)
+
+
+def test_resume_falls_back_from_a_corrupt_checkpoint(workspace, corpus, straight_run, capsys):
+    half = N // 2
+    path = write_config(workspace / "c.yaml", tiny_settings(
+        corpus, train={"max_steps": N, "save_every": half}))
+    run_c = workspace / "run_c"
+    run(load_config(path), run_c)
+    checkpoints = step_checkpoints(run_c / "checkpoints")
+    assert [p.name for p in checkpoints] == [f"step_{half:08d}.pt", f"step_{N:08d}.pt"]
+    newest = checkpoints[-1]
+    data = newest.read_bytes()
+    newest.write_bytes(data[:len(data) // 3])
+    capsys.readouterr()
+
+    state = run(load_config(path, [f"train.max_steps={2 * N}", f"train.save_every={N}"]), run_c)
+    err = capsys.readouterr().err
+    assert newest.name in err and "falling back" in err
+    assert f"resuming at step {half}" in err
+    assert state.step == 2 * N
+    assert_same_weights(final_weights(straight_run, 2 * N), final_weights(run_c, 2 * N))
+    # The corrupt checkpoint was written again, readable this time.
+    assert load_checkpoint(newest)["train_state"]["step"] == N
+
+
+def test_gradient_accumulation_matches_one_pass(workspace, corpus):
+    """Splitting each batch into two passes gives the same update (dropout off)."""
+    weights = []
+    for accumulate in (1, 2):
+        path = write_config(workspace / f"acc{accumulate}.yaml", tiny_settings(
+            corpus, model={"dropout": 0.0}, train={"max_steps": 4, "accumulate": accumulate}))
+        run(load_config(path), workspace / f"run_acc{accumulate}")
+        weights.append(final_weights(workspace / f"run_acc{accumulate}", 4))
+    d = 32
+    for name in weights[0]:
+        a, b = weights[0][name], weights[1][name]
+        # Softmax ignores a bias added to every key, so the key biases' true gradient is zero
+        # and Adam turns float noise in it into full-size steps of random sign: skip them.
+        if name.endswith("self_attn.qkv_proj.bias"):
+            a, b = torch.cat([a[:d], a[2 * d:]]), torch.cat([b[:d], b[2 * d:]])
+        elif name.endswith("cross_attn.kv_proj.bias"):
+            a, b = a[d:], b[d:]
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    losses = [train_losses(workspace / f"run_acc{accumulate}") for accumulate in (1, 2)]
+    assert losses[0].keys() == losses[1].keys() == {4}
+    assert math.isclose(losses[0][4], losses[1][4], rel_tol=1e-5)
