@@ -115,11 +115,14 @@ def train(
         state = run(cfg, run_dir, overwrite=overwrite)
         distributed.shutdown()
     except TrainingInterrupted as stop:
+        # markup off: a path may hold '[...]'; soft_wrap: one line, even in a log file
         stderr.print(f"stopped by {stop.signal_name} at step {stop.step}; checkpoint "
-                     f"{stop.checkpoint}. To resume: traduire train --run-dir {run_dir}")
+                     f"{stop.checkpoint}. To resume: traduire train --run-dir {run_dir}",
+                     markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(130 if stop.signal_name == "SIGINT" else 143) from None
     stderr.print(f"done: step {state.step}, epoch {state.epoch}, best valid loss "
-                 f"{state.best_valid_loss:.3f}; checkpoints in {run_dir / 'checkpoints'}")
+                 f"{state.best_valid_loss:.3f}; checkpoints in {run_dir / 'checkpoints'}",
+                 markup=False, highlight=False, soft_wrap=True)
 
 
 # --- translate and eval -------------------------------------------------------------------------

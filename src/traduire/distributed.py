@@ -36,9 +36,12 @@ def init(device_kind: str) -> Context:
     backend = "nccl" if device_kind == "cuda" else "gloo"
     # A short timeout turns a rank that died into an error on the others, not a long hang.
     timeout = timedelta(seconds=float(os.environ.get("TRADUIRE_DIST_TIMEOUT", "600")))
+    device_id = None
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=timeout)
+        device_id = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device_id)
+    # device_id binds the rank to its GPU up front (NCCL otherwise guesses from the rank).
+    dist.init_process_group(backend, timeout=timeout, device_id=device_id)
     return current()
 
 

@@ -140,7 +140,10 @@ class MultiHeadAttention(nn.Module):
                 # exists yet, so no causal mask is needed for a single step.
                 causal = causal and q.size(2) > 1
 
-        if causal:
+        # The fused kernels know causality themselves (and flash attention on GPUs accepts no
+        # explicit mask), so a plain causal square gets is_causal rather than a mask tensor.
+        is_causal = causal and mask is None and q.size(2) == k.size(2) and not need_weights
+        if causal and not is_causal:
             mask = _causal_mask(q.size(2), k.size(2), q.device, mask)
 
         weights = None
@@ -152,11 +155,24 @@ class MultiHeadAttention(nn.Module):
             weights = scores.softmax(dim=-1)
             out = F.dropout(weights, self.dropout, self.training) @ v
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+            out = _fused_attention(q, k, v, mask, self.dropout if self.training else 0.0,
+                                   is_causal)
         batch, _, length, _ = out.shape
         out = out.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
         return self.out_proj(out), weights
+
+
+def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float,
+                     is_causal: bool) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v through torch's fused kernels."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # On CPU the bf16 backward of the fused kernel is several times slower than fp32
+        # (torch 2.13), while attention is a small share of the FLOPs: run it in fp32.
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                             dropout_p=dropout, is_causal=is_causal)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                          is_causal=is_causal)
 
 
 def _causal_mask(q_len: int, k_len: int, device: torch.device, mask: Tensor | None) -> Tensor:

@@ -119,8 +119,10 @@ def prepare_data(config: Config, run_dir: Path) -> None:
             if split == "valid" and config.data.max_valid:
                 kept = kept.select(range(min(len(kept), config.data.max_valid)))
             if split == "train" and len(kept) == 0:
-                raise DataError(f"the training corpus is empty after cleaning "
-                                f"({len(pairs)} pairs read; dropped: {dropped or 'none'})")
+                why = ", ".join(f"{n:,} {reason}" for reason, n in sorted(dropped.items()))
+                raise DataError(f"{_train_source(config)}: the training corpus is empty after "
+                                f"cleaning ({len(pairs):,} pairs read; dropped: "
+                                f"{why or 'none'})")
             kept.save_to_disk(str(out / split))
             if split == "test":  # held-out text for `traduire eval`, as plain aligned files
                 for column, lang in (("src", config.data.src_lang), ("tgt", config.data.tgt_lang)):
@@ -160,6 +162,19 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
     _write_record(run_dir, "tokenizer", config)
 
 
+def _train_source(config: Config) -> str:
+    """Where the training pairs come from, for messages."""
+    d = config.data
+    if d.source == "files":
+        root = Path(d.dir).expanduser()
+        if d.format == "text":
+            return f"{root / d.train_prefix}.{{{d.src_lang},{d.tgt_lang}}}"
+        return str(root / f"{d.train_prefix}.{d.format}")
+    if d.source == "hub":
+        return f"{d.hub_name} ({d.train_split})"
+    return f"bible {d.bible_src}/{d.bible_tgt}"
+
+
 # --- stage records -----------------------------------------------------------------------------
 
 
@@ -185,7 +200,8 @@ def _redo_from(run_dir: Path, stage: str) -> None:
     paths += [run_dir / "stages" / f"{s}.json" for s in later]
     moved = move_aside(paths, run_dir)
     if moved:
-        console.print(f"overwrite: redoing the {stage} stage; old outputs moved to {moved}")
+        console.print(f"overwrite: redoing the {stage} stage; old outputs moved to {moved}",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 def _check_format(run_dir: Path) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -419,7 +420,12 @@ class Trainer:
     def _resume(self) -> None:
         """Continue from the newest readable checkpoint; a corrupt one is reported and the
         previous one used instead."""
-        for path in reversed(step_checkpoints(self.checkpoint_dir)):
+        if self.dist.is_main:  # a save killed half-way leaves its temporary file behind
+            for leftover in [*self.checkpoint_dir.glob(".step_*.pt.*.tmp"),
+                             *self.run_dir.glob(".best.pt.*.tmp")]:
+                leftover.unlink(missing_ok=True)
+        found = step_checkpoints(self.checkpoint_dir)
+        for path in reversed(found):
             try:
                 state = load_checkpoint(path, map_location=self.device)
             except CheckpointError as e:
@@ -427,6 +433,10 @@ class Trainer:
                 continue
             self._restore(state)
             return
+        if found:  # starting over silently would throw away a whole run's work
+            raise CheckpointError(
+                f"none of the {len(found)} checkpoints in {self.checkpoint_dir} can be read; "
+                "move them aside to start again, or train with --overwrite")
 
     def _restore(self, state: dict[str, Any]) -> None:
         saved = config_from_dict(state["config"])
@@ -485,11 +495,12 @@ class Trainer:
 
     def _info(self, message: str) -> None:
         if self.dist.is_main:
-            self.console.print(message)
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
     def _warn(self, message: str) -> None:
         if self.dist.is_main:
-            self.console.print(f"[yellow]warning:[/] {message}")
+            self.console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False,
+                               soft_wrap=True)
 
 
 class TrainingInterrupted(Exception):

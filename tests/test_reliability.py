@@ -1,0 +1,362 @@
+"""Faults during training: SIGKILL at random moments, SIGINT/SIGTERM, a full disk while a
+checkpoint is written, corrupt checkpoints, and non-finite losses.
+
+The promise under test: an interrupted job loses at most the work since its last checkpoint,
+and resuming gives the same weights as never having been interrupted.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import tiny_settings, write_config, write_corpus
+from traduire import checkpoint
+from traduire.checkpoint import load_checkpoint, step_checkpoints
+from traduire.cli import app
+from traduire.config import load_config
+from traduire.train import Trainer
+
+runner = CliRunner()
+
+# Smaller than conftest's tiny config: every process start and step counts on a shared CPU.
+SMALL = {
+    "model": {"d_model": 16, "heads": 2, "ffn_dim": 32, "max_positions": 32},
+    "train": {"max_steps": 6, "save_every": 2, "valid_every": 1000, "log_every": 1000,
+              "keep_last": 100, "threads": 1, "warmup_steps": 4},
+}
+
+
+def small_settings(data_dir: Path, **train: object) -> dict:
+    return tiny_settings(data_dir, model=SMALL["model"], train={**SMALL["train"], **train})
+
+
+def steps(run_dir: Path) -> list[int]:
+    return [int(p.stem.split("_")[1]) for p in step_checkpoints(run_dir / "checkpoints")]
+
+
+def flat(text: str) -> str:
+    """Output with line breaks removed: rich may wrap long lines (paths) in a non-terminal."""
+    return text.replace("\n", "")
+
+
+def shared_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny run trained in-process to step 6 (checkpoints at 2, 4, 6, best.pt), made once per
+    session and shared by test_reliability, test_bad_input and test_fuzz (which do not change
+    it; tests that train copy it first)."""
+    from traduire.config import fingerprint
+    from traduire.pipeline import run
+
+    root = tmp_path_factory.getbasetemp() / f"small-run-{fingerprint(SMALL)}"
+    config_path, run_dir = root / "small.yaml", root / "run"
+    if not (run_dir / "checkpoints" / "step_00000006.pt").exists():
+        data = write_corpus(root / "data")
+        write_config(config_path, small_settings(data))
+        run(load_config(config_path), run_dir)
+    return config_path, run_dir
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> tuple[Path, Path]:
+    return shared_run(tmp_path_factory)
+
+
+@pytest.fixture
+def run_copy(base_run, tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("COLUMNS", "400")
+    return Path(shutil.copytree(base_run[1], tmp_path / "run"))
+
+
+@pytest.fixture
+def prepared(base_run, tmp_path) -> tuple[Path, Path]:
+    """The shared run's data and tokenizer stages, without any training: a process started
+    on it goes straight to training (saves the data stage's seconds at every start)."""
+    config_path, run_dir = base_run
+    untrained = {"checkpoints", "best.pt", "metrics.jsonl"}
+    shutil.copytree(run_dir, tmp_path / "run", ignore=lambda d, names: [
+        n for n in names if Path(d) == run_dir and n in untrained])
+    return config_path, tmp_path / "run"
+
+
+def cli(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+# --- signals (real processes) --------------------------------------------------------------------
+
+
+def start_training(config_path: Path, run_dir: Path, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "traduire", "train", "-c", str(config_path), "-r",
+             str(run_dir)], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def wait_for_checkpoint_after(proc: subprocess.Popen, run_dir: Path, step: int,
+                              timeout: float = 90.0) -> None:
+    """Wait until a checkpoint newer than `step` exists (the process is making progress)."""
+    deadline = time.monotonic() + timeout
+    while max(steps(run_dir), default=0) <= step:
+        assert proc.poll() is None, f"training exited early with {proc.returncode}"
+        assert time.monotonic() < deadline, "no new checkpoint in time"
+        time.sleep(0.05)
+
+
+def assert_all_checkpoints_loadable(run_dir: Path) -> None:
+    for path in step_checkpoints(run_dir / "checkpoints"):
+        state = load_checkpoint(path)
+        assert state["train_state"]["step"] == int(path.stem.split("_")[1])
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_resumes_to_the_same_weights(prepared, tmp_path):
+    from traduire.pipeline import run
+
+    base_config, run_dir = prepared
+    straight_dir = Path(shutil.copytree(run_dir, tmp_path / "straight"))
+    # Steps of this model take a few milliseconds: 60 leave room for 5 kills on any machine.
+    config = yaml.safe_load(base_config.read_text())
+    config["train"]["max_steps"] = 60
+    config_path = write_config(tmp_path / "sixty.yaml", config)
+    rng = random.Random(20261128)
+    last = 0  # the newest checkpoint when the previous process died
+    killed_at: list[int] = []
+    for attempt in range(5):
+        log = tmp_path / f"attempt{attempt}.log"
+        proc = start_training(config_path, run_dir, log)
+        try:
+            wait_for_checkpoint_after(proc, run_dir, last + 2 * rng.randint(0, 2))
+            time.sleep(rng.uniform(0.0, 0.05))  # mid-step, mid-save, wherever it lands
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL, log.read_text()
+        if attempt:  # every restart continued from the newest checkpoint, not from scratch
+            assert f"resuming at step {last}" in log.read_text(), log.read_text()
+        assert_all_checkpoints_loadable(run_dir)
+        assert max(steps(run_dir)) >= max(last, 1)  # never goes backwards
+        last = max(steps(run_dir))
+        killed_at.append(last)
+    assert len(killed_at) == 5 and killed_at[-1] < 60, killed_at
+    log = tmp_path / "final.log"
+    proc = start_training(config_path, run_dir, log)
+    assert proc.wait(timeout=180) == 0, log.read_text()
+    assert f"resuming at step {last}" in log.read_text()
+    assert "done: step 60" in log.read_text()
+    assert_all_checkpoints_loadable(run_dir)
+
+    run(load_config(config_path), straight_dir)  # the same config, never interrupted
+    killed = load_checkpoint(run_dir / "checkpoints" / "step_00000060.pt")
+    straight = load_checkpoint(straight_dir / "checkpoints" / "step_00000060.pt")
+    assert killed["model"].keys() == straight["model"].keys()
+    for name, weight in straight["model"].items():
+        torch.testing.assert_close(killed["model"][name], weight, atol=1e-6, rtol=0)
+    assert killed["train_state"]["step"] == straight["train_state"]["step"] == 60
+    assert killed["train_state"]["epoch"] == straight["train_state"]["epoch"]
+
+
+@pytest.mark.slow
+def test_sigint_and_sigterm_save_then_resume(prepared, tmp_path, monkeypatch):
+    base_config, run_dir = prepared
+    config = yaml.safe_load(base_config.read_text())
+    config["train"]["max_steps"] = 10_000
+    config_path = write_config(tmp_path / "long.yaml", config)
+    last = 0
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        log = tmp_path / f"{sig.name}.log"
+        proc = start_training(config_path, run_dir, log)
+        try:
+            wait_for_checkpoint_after(proc, run_dir, last)
+            proc.send_signal(sig)
+            assert proc.wait(timeout=60) == code, log.read_text()
+        finally:
+            proc.kill()
+            proc.wait()
+        text = flat(log.read_text())
+        assert "Traceback" not in text
+        found = re.search(rf"stopped by {sig.name} at step (\d+); checkpoint (\S+)\.", text)
+        assert found, text
+        assert "resume" in text
+        stopped_at = int(found.group(1))
+        # The checkpoint is the step it stopped at, not an older periodic one.
+        assert Path(found.group(2)).name == f"step_{stopped_at:08d}.pt"
+        assert max(steps(run_dir)) == stopped_at
+        assert load_checkpoint(found.group(2))["train_state"]["step"] == stopped_at
+        last = stopped_at
+    monkeypatch.setenv("COLUMNS", "400")
+    result = cli("train", "-r", run_dir, "--set", f"train.max_steps={last + 2}")
+    assert result.exit_code == 0, result.output
+    assert f"resuming at step {last}" in result.stderr
+    assert f"done: step {last + 2}" in result.stderr
+
+
+# --- disk full, corrupt checkpoints (in-process) ---------------------------------------------
+
+
+class FullDisk:
+    """A file whose write stores half the bytes and then fails as a full disk does."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+
+    def write(self, data: bytes) -> int:
+        self.file.write(data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+def fill_disk_for_checkpoints(monkeypatch) -> None:
+    """Make atomic_write_bytes' write fail with ENOSPC, for step_*.pt files only."""
+    real_mkstemp, real_fdopen = checkpoint.tempfile.mkstemp, checkpoint.os.fdopen
+    names: dict[int, str] = {}
+
+    def mkstemp(*args, **kwargs):
+        fd, name = real_mkstemp(*args, **kwargs)
+        names[fd] = Path(name).name
+        return fd, name
+
+    def fdopen(fd, *args, **kwargs):
+        file = real_fdopen(fd, *args, **kwargs)
+        return FullDisk(file) if names.get(fd, "").startswith(".step_") else file
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(checkpoint.os, "fdopen", fdopen)
+
+
+def test_disk_full_during_checkpoint_keeps_the_previous_one(run_copy, monkeypatch):
+    checkpoints = run_copy / "checkpoints"
+    before = (checkpoints / "step_00000006.pt").read_bytes()
+    fill_disk_for_checkpoints(monkeypatch)
+    result = cli("train", "-r", run_copy, "--set", "train.max_steps=8")
+    monkeypatch.undo()
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "No space left on device" in lines[0], result.stderr
+    assert "step_00000008.pt" in lines[0]  # the message names the file
+    print(f"MESSAGE disk full -> {lines[0]}")
+    assert (checkpoints / "step_00000006.pt").read_bytes() == before
+    assert load_checkpoint(checkpoints / "step_00000006.pt")["train_state"]["step"] == 6
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "step_00000002.pt", "step_00000004.pt", "step_00000006.pt"]  # no temporary file left
+    # With space again, the run continues from the last checkpoint: 2 steps lost at most.
+    monkeypatch.setenv("COLUMNS", "400")
+    result = cli("train", "-r", run_copy, "--set", "train.max_steps=8")
+    assert result.exit_code == 0, result.output
+    assert "resuming at step 6" in result.stderr
+
+
+def test_corrupt_and_truncated_newest_checkpoints_fall_back(run_copy):
+    checkpoints = run_copy / "checkpoints"
+    newest = checkpoints / "step_00000006.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
+    (checkpoints / "step_00000004.pt").write_bytes(b"\x00garbage" * 100)  # corrupt
+    result = cli("train", "-r", run_copy, "--set", "train.max_steps=8")
+    assert result.exit_code == 0, result.output
+    err = flat(result.stderr)
+    for bad in ("step_00000006.pt", "step_00000004.pt"):
+        assert re.search(rf"warning:.*{bad}", err), err
+    for line in result.stderr.splitlines():
+        if line.startswith("warning:"):
+            print(f"MESSAGE corrupt checkpoint -> {line}")
+    assert "resuming at step 2" in err
+    assert "done: step 8" in err
+    assert load_checkpoint(checkpoints / "step_00000008.pt")["train_state"]["step"] == 8
+
+
+def test_no_readable_checkpoint_at_all_is_an_error_not_a_fresh_start(run_copy):
+    for path in (run_copy / "checkpoints").glob("step_*.pt"):
+        path.write_bytes(b"garbage")
+    result = cli("train", "-r", run_copy, "--set", "train.max_steps=8")
+    assert result.exit_code == 1
+    assert "none of the 3 checkpoints" in flat(result.stderr)
+    assert "Traceback" not in result.output
+
+
+def test_fallback_warning_names_a_checkpoint_whose_path_has_brackets(run_copy):
+    run_dir = Path(shutil.move(run_copy, run_copy.parent / "run[x]"))
+    newest = run_dir / "checkpoints" / "step_00000006.pt"
+    newest.write_bytes(b"garbage")
+    result = cli("train", "-r", run_dir, "--set", "train.max_steps=7")
+    assert result.exit_code == 0, result.output
+    assert str(newest) in flat(result.stderr)
+
+
+def test_resume_removes_temporary_files_left_by_a_killed_save(run_copy):
+    stale = run_copy / "checkpoints" / ".step_00000008.pt.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    result = cli("train", "-r", run_copy, "--set", "train.max_steps=7")
+    assert result.exit_code == 0, result.output
+    assert not stale.exists()
+
+
+# --- non-finite losses ----------------------------------------------------------------------
+
+
+def nan_on_steps(monkeypatch, bad_steps) -> None:
+    real_loss = Trainer._loss
+
+    def loss(self, batch, label_smoothing):
+        value = real_loss(self, batch, label_smoothing)
+        return value * float("nan") if bad_steps(self.state.step + 1) else value
+
+    monkeypatch.setattr(Trainer, "_loss", loss)
+
+
+def test_nan_steps_are_skipped_and_counted(run_copy, monkeypatch):
+    nan_on_steps(monkeypatch, lambda step: step in (7, 8))
+    result = cli("train", "-r", run_copy, "--set", "train.max_steps=10",
+                 "--set", "train.log_every=1")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in
+               (run_copy / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "skipped_steps" in r]
+    assert train_records[-1]["step"] == 10 and train_records[-1]["skipped_steps"] == 2
+    state = load_checkpoint(run_copy / "checkpoints" / "step_00000010.pt")
+    assert state["train_state"]["skipped_steps"] == 2
+    assert state["train_state"]["bad_steps_in_a_row"] == 0
+    assert all(torch.isfinite(w).all() for w in state["model"].values())
+
+
+def test_many_nan_steps_in_a_row_stop_the_run(run_copy, monkeypatch):
+    nan_on_steps(monkeypatch, lambda step: step > 6)
+    result = cli("train", "-r", run_copy, "--set", "train.max_steps=20",
+                 "--set", "train.max_bad_steps=3")
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: the loss was not finite for 3 steps in a row"), lines
+    assert "(step 9)" in lines[-1] and "train.lr" in lines[-1]
+    print(f"MESSAGE NaN x3 -> {lines[-1]}")
+    assert "step_00000008.pt" in lines[-1]  # the newest checkpoint, named as the last good one
+    # Skipped steps never touched the weights: step 8 holds step 6's weights, all finite.
+    at_6, at_8 = (load_checkpoint(run_copy / "checkpoints" / f"step_0000000{n}.pt")
+                  for n in (6, 8))
+    for name, weight in at_8["model"].items():
+        assert torch.isfinite(weight).all()
+        assert torch.equal(weight, at_6["model"][name])
+    assert at_8["train_state"]["skipped_steps"] == 2
