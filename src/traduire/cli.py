@@ -21,6 +21,7 @@ from traduire.errors import TraduireError
 app = typer.Typer(
     help="Train Transformer translation models and translate with them.",
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    rich_markup_mode="markdown",  # reflow docstring paragraphs to the terminal width
     context_settings={"help_option_names": ["-h", "--help"]})
 stderr = Console(stderr=True)
 _debug = False
@@ -309,7 +310,7 @@ def attention(
     and averaged.
 
     Words are the sentence's whitespace-separated words (SentencePiece pieces starting with
-    "▁" begin a word; punctuation attached to a word stays with it), plus "</s>", the end
+    "▁" begin a word; punctuation attached to a word stays with it), plus `</s>`, the end
     token. Pieces are merged into words: attention TO a word is the sum over its pieces,
     attention FROM a word is the mean over its pieces, so each row still sums to 1.
     """
