@@ -27,16 +27,23 @@ if python -c "import torch" 2>/dev/null; then
     say "torch $(python -c 'import torch; print(torch.__version__)') already installed"
 else
     say "installing torch (CPU build)"
-    wheel_dir="${PIP_FIND_LINKS:-}"
-    if [ -n "$wheel_dir" ] && ls "$wheel_dir"/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
-        python -m pip install -q "torch==2.13.0"  # the CPU wheel in the local wheel folder
+    # A CPU wheel in a local wheel folder (pip's find-links) is used as is; otherwise it comes
+    # from PyTorch's CPU index.
+    local_wheel=""
+    for dir in ${PIP_FIND_LINKS:-} $(python -m pip config get global.find-links 2>/dev/null || true); do
+        for wheel in "$dir"/torch-2.13.0+cpu-*.whl; do
+            if [ -f "$wheel" ]; then local_wheel="$wheel"; fi
+        done
+    done
+    if [ -n "$local_wheel" ]; then
+        python -m pip install -q "torch==2.13.0"
     else
         python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
     fi
 fi
 
 stamp="$PROJECT_ROOT/.venv-installed${TRADUIRE_EXTRAS:+-$TRADUIRE_EXTRAS}"
-if [ -z "${VIRTUAL_ENV:-}" ] || [ ! -f "$stamp" ] || [ "$PROJECT_ROOT/pyproject.toml" -nt "$stamp" ] \
+if [ ! -f "$stamp" ] || [ "$PROJECT_ROOT/pyproject.toml" -nt "$stamp" ] \
         || ! python -c "import traduire" 2>/dev/null; then
     say "installing traduire${TRADUIRE_EXTRAS:+[$TRADUIRE_EXTRAS]} and its dependencies"
     python -m pip install -q -e "$PROJECT_ROOT${TRADUIRE_EXTRAS:+[$TRADUIRE_EXTRAS]}"
