@@ -337,10 +337,16 @@ class DecoderCache:
         self.layers: list[dict[str, dict[str, Tensor]]] = [{} for _ in range(num_layers)]
         self.length = 0
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows `index` (in that order) of every cached tensor."""
+    def reorder(self, index: Tensor, cross: bool = True) -> None:
+        """Keep batch rows `index` (in that order) of every cached tensor.
+
+        cross=False leaves the encoder keys/values alone: right when rows are only permuted
+        among hypotheses of the same sentence, which share one source (beam re-ranking).
+        """
         for layer in self.layers:
-            for kv in layer.values():
+            for kind, kv in layer.items():
+                if kind == "cross" and not cross:
+                    continue
                 for name, tensor in kv.items():
                     kv[name] = tensor.index_select(0, index)
 

@@ -140,7 +140,8 @@ def beam_search(model: Transformer, src: Tensor, *, beam: int, bos: int, eos: in
         best_pen = final_pen.clamp(min=length_penalty(step + 2, lenpen))
         done = lp[:, 0] / best_pen <= worst
         keep = (~done).nonzero().squeeze(1)
-        if len(keep) < n:  # finished sentences leave the batch
+        sentences_left = len(keep) < n
+        if sentences_left:  # finished sentences leave the batch
             kept = keep.tolist()
             sentences = [sentences[i] for i in kept]
             if not sentences:
@@ -152,7 +153,9 @@ def beam_search(model: Transformer, src: Tensor, *, beam: int, bos: int, eos: in
             lp, src_rows, new_tok, new_tok_lp = lp[keep], src_rows[keep], new_tok[keep], \
                 new_tok_lp[keep]
         index = src_rows.view(-1)
-        cache.reorder(index)
+        # Beams of one sentence share its encoder output: the cross-attention keys and values
+        # move only when sentences leave.
+        cache.reorder(index, cross=sentences_left)
         last = new_tok.view(-1)
         tokens = torch.cat([tokens[index], last[:, None]], dim=1)
         token_lps = torch.cat([token_lps[index], new_tok_lp.view(-1, 1)], dim=1)
