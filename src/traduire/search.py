@@ -63,9 +63,13 @@ def _next_logprobs(model: Transformer, last: Tensor, memory: Tensor, src_mask: T
     max_len (rows,) tokens, only EOS is."""
     logits = model.decode(last[:, None], memory, src_mask, cache)[:, -1]
     logprobs = logits.float().log_softmax(-1)
-    logprobs[:, [pad, bos]] = float("-inf")
-    not_eos = torch.arange(logprobs.size(1), device=logprobs.device) != eos
-    return logprobs.masked_fill((max_len <= step)[:, None] & not_eos, float("-inf"))
+    logprobs[:, pad] = float("-inf")
+    logprobs[:, bos] = float("-inf")
+    at_limit = max_len <= step
+    if at_limit.any():  # rare: skip building a (rows, vocab) mask on every other step
+        not_eos = torch.arange(logprobs.size(1), device=logprobs.device) != eos
+        logprobs.masked_fill_(at_limit[:, None] & not_eos, float("-inf"))
+    return logprobs
 
 
 @torch.inference_mode()
