@@ -257,10 +257,10 @@ def test_probability_table_reads_like_a_textbook():
                          ["Je suis un bon chien.", "Je suis un chien sage.", "Chien.", "Oui."])
     assert format_probabilities(result).splitlines() == [
         "  I am a good dog.",
-        " 42.0%  Je suis un bon chien.",
-        "  3.1%  Je suis un chien sage.",
-        " <0.1%  Chien.",
-        "100.0%  Oui.",
+        "   42.0%  Je suis un bon chien.",
+        "    3.1%  Je suis un chien sage.",
+        "1.0e-02%  Chien.",
+        "  100.0%  Oui.",
     ]
 
 

@@ -378,10 +378,11 @@ def _as_record(result: Translation) -> dict:
 def format_probabilities(result: Translation) -> str:
     """The 'probability · candidate' table of a textbook's list of completions: the source,
     then one line per candidate, e.g. '  3.1%  Je suis un bon chien.' (percent with one
-    decimal, right-aligned; '<0.1%' for less)."""
+    decimal, right-aligned; two significant digits below 0.05%, e.g. '1.0e-02%', so unlikely
+    candidates can still be compared)."""
     lines = [f"  {result.source}"]
     for text, h in zip(result.texts, result.hypotheses):
         percent = probability_percent(h.logprob)
-        shown = f"{percent:.1f}%" if percent >= 0.05 else "<0.1%"
-        lines.append(f"{shown:>6}  {text}")  # "  3.1%  ...", " 42.0%  ...", "100.0%  ..."
+        shown = f"{percent:.1f}%" if percent >= 0.05 else f"{percent:.1e}%"
+        lines.append(f"{shown:>8}  {text}")  # "    3.1%  ...", "  100.0%  ...", "1.0e-02%  ..."
     return "\n".join(lines)
