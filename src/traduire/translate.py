@@ -277,6 +277,7 @@ def translate_file(translator: Translator, input: str, output: Path | None,
     whose mean token log-probability is below it are printed on stderr at the end."""
     import dataclasses
     import json
+    import os
     import sys
     import tempfile
 
@@ -289,7 +290,9 @@ def translate_file(translator: Translator, input: str, output: Path | None,
     flagged: list[int] = []
     source = sys.stdin.buffer if input == "-" else _open_input(Path(input))
     tmp = None
-    if output is None:
+    if output is None and collect is not None:
+        sink = open(os.devnull, "w", encoding="utf-8")  # the caller takes the lines itself
+    elif output is None:
         sink = sys.stdout
     else:
         output = Path(output)
@@ -303,6 +306,7 @@ def translate_file(translator: Translator, input: str, output: Path | None,
     try:
         with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
             task = bar.add_task("translate", rate="")
+
             def invalid(number: int, offset: int) -> None:
                 console.print(f"warning: {input}:{number}: invalid UTF-8 at byte {offset}; "
                               "translated with U+FFFD in its place", highlight=False,
@@ -334,12 +338,12 @@ def translate_file(translator: Translator, input: str, output: Path | None,
                 bar.update(task, completed=number, rate=f"{rate:.1f} sentences/s")
         if tmp is not None:
             sink.close()
-            import os
-
             os.replace(tmp, output)
             tmp = None
-        else:
+        elif sink is sys.stdout:
             sink.flush()
+        else:
+            sink.close()
     finally:
         if tmp is not None:
             sink.close()
