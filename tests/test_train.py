@@ -208,3 +208,76 @@ def test_gradient_accumulation_matches_one_pass(workspace, corpus):
     losses = [train_losses(workspace / f"run_acc{accumulate}") for accumulate in (1, 2)]
     assert losses[0].keys() == losses[1].keys() == {4}
     assert math.isclose(losses[0][4], losses[1][4], rel_tol=1e-5)
+
+
+# --- schedules, precision, early stopping, validation BLEU, averaging ----------------------------
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_decaying_schedules_warm_up_then_reach_min_lr(schedule, tiny_config_path):
+    from traduire.train import learning_rate
+
+    cfg = load_config(tiny_config_path, [f"train.schedule={schedule}", "train.lr=1e-3",
+                                         "train.warmup_steps=10", "train.decay_steps=110",
+                                         "train.min_lr=1e-5"]).train
+    lrs = [learning_rate(step, cfg) for step in range(1, 131)]
+    assert lrs[4] == pytest.approx(5e-4)  # linear warmup
+    assert max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 9
+    decay = lrs[9:110]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))  # never rises after warmup
+    assert lrs[109] == pytest.approx(1e-5) and lrs[-1] == pytest.approx(1e-5)
+    # A quarter of the way through the decay the two shapes differ.
+    share = 0.5 * (1 + math.cos(math.pi / 4)) if schedule == "cosine" else 0.75
+    assert learning_rate(35, cfg) == pytest.approx(1e-5 + (1e-3 - 1e-5) * share)
+
+
+def test_bf16_autocast_training_on_cpu_lowers_the_loss(tmp_path, tiny_config_path):
+    config = load_config(tiny_config_path, ["train.precision=bf16", "train.max_steps=40",
+                                            "train.log_every=10", "train.valid_every=40"])
+    run(config, tmp_path / "run")
+    losses = [r["loss"] for r in train_records(tmp_path / "run") if "loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_early_stopping_ends_after_patience_validations_without_improvement(tmp_path,
+                                                                            tiny_config_path):
+    # A learning rate too small to move float32 weights: the validation loss cannot improve
+    # after the first validation, so patience 2 stops the run at the third.
+    config = load_config(tiny_config_path, ["train.lr=1e-12", "train.max_steps=100",
+                                            "train.valid_every=5", "train.patience=2"])
+    state = run(config, tmp_path / "run")
+    assert state.step == 15
+    assert state.validations_without_improvement == 2
+
+
+def test_validation_bleu_can_choose_the_best_checkpoint(tmp_path, tiny_config_path):
+    config = load_config(tiny_config_path, ["train.valid_bleu=true", "train.best_metric=bleu",
+                                            "train.max_steps=20", "train.valid_every=10"])
+    run(config, tmp_path / "run")
+    bleus = [r["valid_bleu"] for r in train_records(tmp_path / "run") if "valid_bleu" in r]
+    assert len(bleus) == 2 and all(0.0 <= b <= 100.0 for b in bleus)
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["train_state"]["best_valid_bleu"] == max(bleus)
+
+
+def test_average_command_writes_the_mean_of_the_last_checkpoints(tmp_path, tiny_config_path):
+    from typer.testing import CliRunner
+
+    from traduire.cli import app
+
+    run(load_config(tiny_config_path, ["train.max_steps=30"]), tmp_path / "run")
+    last_two = step_checkpoints(tmp_path / "run" / "checkpoints")[-2:]
+    out = tmp_path / "avg.pt"
+    result = CliRunner().invoke(app, ["average", "-r", str(tmp_path / "run"), "--last", "2",
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    averaged = load_checkpoint(out)["model"]
+    a, b = (load_checkpoint(p)["model"] for p in last_two)
+    name = "decoder.layers.0.ffn.linear1.weight"
+    assert not torch.equal(a[name], b[name])
+    torch.testing.assert_close(averaged[name], (a[name] + b[name]) / 2)
