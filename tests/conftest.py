@@ -93,3 +93,34 @@ def tiny_config(tiny_config_path: Path):
     from traduire.config import load_config
 
     return load_config(tiny_config_path)
+
+
+# Smaller than the tiny config: every process start and step counts on a shared CPU. Used by
+# the reliability, bad-input and fuzz tests through the session-wide `small_run`.
+SMALL_SETTINGS = {
+    "model": {"d_model": 16, "heads": 2, "ffn_dim": 32, "max_positions": 32},
+    "train": {"max_steps": 6, "save_every": 2, "valid_every": 1000, "log_every": 1000,
+              "keep_last": 100, "threads": 1, "warmup_steps": 4},
+}
+
+
+def small_settings(data_dir: Path, **sections: dict) -> dict:
+    """The small config as a dict, with some keys of some sections replaced."""
+    settings = tiny_settings(data_dir, **SMALL_SETTINGS)
+    for name, values in sections.items():
+        settings.setdefault(name, {}).update(values)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(config path, run dir) of a small run trained in-process to step 6 (checkpoints at 2, 4,
+    6 and best.pt), made once per session. Tests must not change it: copy it to train on."""
+    from traduire.config import load_config
+    from traduire.pipeline import run
+
+    root = tmp_path_factory.mktemp("small-run")
+    config_path, run_dir = root / "small.yaml", root / "run"
+    write_config(config_path, small_settings(write_corpus(root / "data")))
+    run(load_config(config_path), run_dir)
+    return config_path, run_dir

@@ -20,7 +20,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_settings, write_config, write_corpus
+from conftest import small_settings, write_config
 from traduire.checkpoint import load_checkpoint
 from traduire.cli import app
 from traduire.config import load_config
@@ -28,33 +28,9 @@ from traduire.errors import CheckpointError, ConfigError
 
 runner = CliRunner()
 
-# The same small run as test_reliability.py (shared through the session's base temp dir).
-SMALL = {
-    "model": {"d_model": 16, "heads": 2, "ffn_dim": 32, "max_positions": 32},
-    "train": {"max_steps": 6, "save_every": 2, "valid_every": 1000, "log_every": 1000,
-              "keep_last": 100, "threads": 1, "warmup_steps": 4},
-}
-
-
-def small_settings(data_dir: Path, **sections: dict) -> dict:
-    settings = tiny_settings(data_dir, model=SMALL["model"], train=SMALL["train"])
-    for name, values in sections.items():
-        settings[name].update(values)
-    return settings
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    from traduire.config import fingerprint
-    from traduire.pipeline import run
-
-    root = tmp_path_factory.getbasetemp() / f"small-run-{fingerprint(SMALL)}"
-    config_path, run_dir = root / "small.yaml", root / "run"
-    if not (run_dir / "checkpoints" / "step_00000006.pt").exists():
-        data = write_corpus(root / "data")
-        write_config(config_path, small_settings(data))
-        run(load_config(config_path), run_dir)
-    return config_path, run_dir
+@pytest.fixture
+def trained(small_run) -> tuple[Path, Path]:
+    return small_run
 
 
 @pytest.fixture(autouse=True)

@@ -11,30 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_settings, write_config, write_corpus
-from traduire.config import load_config
 from traduire.translate import DecodeOptions, Translator, translate_file
 
+
 # The same small run as test_reliability.py (shared through the session's base temp dir).
-SMALL = {
-    "model": {"d_model": 16, "heads": 2, "ffn_dim": 32, "max_positions": 32},
-    "train": {"max_steps": 6, "save_every": 2, "valid_every": 1000, "log_every": 1000,
-              "keep_last": 100, "threads": 1, "warmup_steps": 4},
-}
-
-
 @pytest.fixture(scope="module")
-def translator(tmp_path_factory) -> Translator:
-    from traduire.config import fingerprint
-    from traduire.pipeline import run
-
-    root = tmp_path_factory.getbasetemp() / f"small-run-{fingerprint(SMALL)}"
-    config_path, run_dir = root / "small.yaml", root / "run"
-    if not (run_dir / "checkpoints" / "step_00000006.pt").exists():
-        data = write_corpus(root / "data")
-        write_config(config_path, tiny_settings(data, **SMALL))
-        run(load_config(config_path), run_dir)
-    return Translator.load(run_dir, device="cpu")
+def translator(small_run) -> Translator:
+    return Translator.load(small_run[1], device="cpu")
 
 
 # Interesting pieces: empty, blanks, combining marks, RTL text and marks, emoji (with joiners),

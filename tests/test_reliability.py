@@ -24,7 +24,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_settings, write_config, write_corpus
+from conftest import write_config
 from traduire import checkpoint
 from traduire.checkpoint import load_checkpoint, step_checkpoints
 from traduire.cli import app
@@ -32,18 +32,6 @@ from traduire.config import load_config
 from traduire.train import Trainer
 
 runner = CliRunner()
-
-# Smaller than conftest's tiny config: every process start and step counts on a shared CPU.
-SMALL = {
-    "model": {"d_model": 16, "heads": 2, "ffn_dim": 32, "max_positions": 32},
-    "train": {"max_steps": 6, "save_every": 2, "valid_every": 1000, "log_every": 1000,
-              "keep_last": 100, "threads": 1, "warmup_steps": 4},
-}
-
-
-def small_settings(data_dir: Path, **train: object) -> dict:
-    return tiny_settings(data_dir, model=SMALL["model"], train={**SMALL["train"], **train})
-
 
 def steps(run_dir: Path) -> list[int]:
     return [int(p.stem.split("_")[1]) for p in step_checkpoints(run_dir / "checkpoints")]
@@ -54,25 +42,9 @@ def flat(text: str) -> str:
     return text.replace("\n", "")
 
 
-def shared_run(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny run trained in-process to step 6 (checkpoints at 2, 4, 6, best.pt), made once per
-    session and shared by test_reliability, test_bad_input and test_fuzz (which do not change
-    it; tests that train copy it first)."""
-    from traduire.config import fingerprint
-    from traduire.pipeline import run
-
-    root = tmp_path_factory.getbasetemp() / f"small-run-{fingerprint(SMALL)}"
-    config_path, run_dir = root / "small.yaml", root / "run"
-    if not (run_dir / "checkpoints" / "step_00000006.pt").exists():
-        data = write_corpus(root / "data")
-        write_config(config_path, small_settings(data))
-        run(load_config(config_path), run_dir)
-    return config_path, run_dir
-
-
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory) -> tuple[Path, Path]:
-    return shared_run(tmp_path_factory)
+def base_run(small_run) -> tuple[Path, Path]:
+    return small_run
 
 
 @pytest.fixture
