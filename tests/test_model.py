@@ -111,7 +111,7 @@ def test_cache_reorder_selects_rows():
     cache = model.new_cache()
     model.decode(tgt[:, :3], memory, src_mask, cache=cache)
     index = torch.tensor([2, 0])
-    cache.reorder(index)
+    cache.reorder(index, index)
     step = model.decode(tgt[index, 3:4], memory[index], src_mask[index], cache=cache)
     torch.testing.assert_close(step[:, 0], model(src[index], tgt[index])[:, 3], atol=1e-5,
                                rtol=1e-5)

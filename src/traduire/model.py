@@ -117,18 +117,28 @@ class MultiHeadAttention(nn.Module):
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """Attend from x (batch, tgt_len, d) to itself or, for cross-attention, to memory.
 
-        mask: boolean, broadcastable to (batch, heads, tgt_len, src_len), True = may attend.
+        For cross-attention, x may hold g rows per row of memory (batch = g * memory batch):
+        rows i*g .. i*g+g-1 attend to memory row i, as beam search's hypotheses do.
+        mask: boolean, broadcastable to (batch, heads, tgt_len, src_len), True = may attend;
+        for cross-attention it has memory's batch size.
         causal: position i attends to positions <= i only (decoder self-attention).
         Returns the output and, if need_weights, the weights (batch, heads, tgt_len, src_len).
         """
+        rows, q_len, _ = x.shape
         if self.cross:
-            q = self._split_heads(self.q_proj(x))
             if kv_cache is not None and "k" in kv_cache:
                 k, v = kv_cache["k"], kv_cache["v"]  # the encoder output does not change
             else:
                 k, v = (self._split_heads(t) for t in self.kv_proj(memory).chunk(2, dim=-1))
                 if kv_cache is not None:
                     kv_cache["k"], kv_cache["v"] = k, v
+            # Beam search gives each source `group` consecutive rows of x, one per hypothesis.
+            # They share one encoder output, so their queries attend together, as one longer
+            # query sequence, instead of each row carrying its own copy of the source.
+            group, uneven = divmod(rows, k.size(0))
+            if uneven or not group:
+                raise ValueError(f"{rows} query rows cannot share {k.size(0)} memory rows evenly")
+            q = self._split_heads(self.q_proj(x).reshape(k.size(0), group * q_len, -1))
         else:
             q, k, v = (self._split_heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
             if kv_cache is not None:
@@ -140,34 +150,47 @@ class MultiHeadAttention(nn.Module):
                 # exists yet, so no causal mask is needed for a single step.
                 causal = causal and q.size(2) > 1
 
+        # Returning the weights needs the explicit computation; so does speed on CPU for a
+        # decoding step, where torch's fused kernel is about twice as slow as plain matrix
+        # products with a handful of queries per row (torch 2.13; it is built for long ones).
+        explicit = need_weights or (q.device.type == "cpu" and q.size(2) <= 16
+                                    and not torch.is_grad_enabled())
         # The fused kernels know causality themselves (and flash attention on GPUs accepts no
         # explicit mask), so a plain causal square gets is_causal rather than a mask tensor.
-        is_causal = causal and mask is None and q.size(2) == k.size(2) and not need_weights
+        is_causal = causal and mask is None and q.size(2) == k.size(2) and not explicit
         if causal and not is_causal:
             mask = _causal_mask(q.size(2), k.size(2), q.device, mask)
-
-        weights = None
-        if need_weights:
-            # The explicit path: same result as the fused kernel, but keeps the weights.
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            weights = scores.softmax(dim=-1)
-            out = F.dropout(weights, self.dropout, self.training) @ v
+        dropout = self.dropout if self.training else 0.0
+        if explicit:
+            out, weights = _explicit_attention(q, k, v, mask, dropout)
         else:
-            out = _fused_attention(q, k, v, mask, self.dropout if self.training else 0.0,
-                                   is_causal)
-        batch, _, length, _ = out.shape
-        out = out.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
+            out, weights = _fused_attention(q, k, v, mask, dropout, is_causal), None
+        if not need_weights:
+            weights = None
+        out = out.transpose(1, 2).reshape(rows, q_len, self.heads * self.head_dim)
+        if weights is not None and weights.size(0) != rows:  # grouped cross-attention
+            weights = (weights.unflatten(2, (-1, q_len)).transpose(1, 2)
+                       .reshape(rows, self.heads, q_len, -1))
         return self.out_proj(out), weights
+
+
+def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float
+                        ) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T / sqrt(d)) v step by step; also returns the weights. The softmax runs in
+    float32 whatever the inputs' precision."""
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return F.dropout(weights, dropout, dropout > 0).to(v.dtype) @ v, weights
 
 
 def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float,
                      is_causal: bool) -> Tensor:
     """softmax(q k^T / sqrt(d)) v through torch's fused kernels."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad:
         # On CPU the bf16 backward of the fused kernel is several times slower than fp32
-        # (torch 2.13), while attention is a small share of the FLOPs: run it in fp32.
+        # (torch 2.13), while attention is a small share of the FLOPs: train it in fp32.
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                              dropout_p=dropout, is_causal=is_causal)
         return out.to(q.dtype)
@@ -337,18 +360,19 @@ class DecoderCache:
         self.layers: list[dict[str, dict[str, Tensor]]] = [{} for _ in range(num_layers)]
         self.length = 0
 
-    def reorder(self, index: Tensor, cross: bool = True) -> None:
-        """Keep batch rows `index` (in that order) of every cached tensor.
+    def reorder(self, rows: Tensor, sources: Tensor | None = None) -> None:
+        """Keep batch rows `rows` (in that order) of the self-attention keys and values and,
+        when `sources` is given, rows `sources` of the cross-attention ones.
 
-        cross=False leaves the encoder keys/values alone: right when rows are only permuted
-        among hypotheses of the same sentence, which share one source (beam re-ranking).
+        The cross-attention keys and values are the encoder output's, one row per source;
+        re-ranking the hypotheses of the same sources leaves them as they are (sources=None).
         """
         for layer in self.layers:
             for kind, kv in layer.items():
-                if kind == "cross" and not cross:
-                    continue
-                for name, tensor in kv.items():
-                    kv[name] = tensor.index_select(0, index)
+                index = rows if kind == "self" else sources
+                if index is not None:
+                    for name, tensor in kv.items():
+                        kv[name] = tensor.index_select(0, index)
 
 
 # --- The encoder-decoder model ---------------------------------------------------------------
@@ -394,6 +418,8 @@ class Transformer(nn.Module):
         """Logits (batch, tgt_len, vocab) for the next token after each target prefix position.
 
         With a cache, `tgt` holds only the new positions; earlier ones come from the cache.
+        `tgt` may have g rows per source (beam search's hypotheses): rows i*g .. i*g+g-1
+        continue source i of memory and src_mask.
         """
         hidden = self.decoder(tgt, memory, src_mask, cache, attention)
         return F.linear(hidden, self.decoder.embedding.weight)

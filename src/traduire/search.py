@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from traduire.model import DecoderCache, Transformer
@@ -55,21 +56,44 @@ def _max_lengths(model: Transformer, src: Tensor, pad: int, a: float, b: int) ->
     return torch.tensor(lengths, device=src.device)
 
 
-def _next_logprobs(model: Transformer, last: Tensor, memory: Tensor, src_mask: Tensor,
-                   cache: DecoderCache, step: int, max_len: Tensor, bos: int, eos: int,
-                   pad: int) -> Tensor:
-    """Log-probabilities (rows, vocab) of the token after `last` (rows,), which is the token at
-    target position `step`. Pad and BOS are never allowed; once a row has generated its
-    max_len (rows,) tokens, only EOS is."""
-    logits = model.decode(last[:, None], memory, src_mask, cache)[:, -1]
-    logprobs = logits.float().log_softmax(-1)
-    logprobs[:, pad] = float("-inf")
-    logprobs[:, bos] = float("-inf")
+def _next_token_logits(model: Transformer, last: Tensor, memory: Tensor, src_mask: Tensor,
+                       cache: DecoderCache, step: int, max_len: Tensor, bos: int, eos: int,
+                       pad: int) -> tuple[Tensor, Tensor]:
+    """Scores of the token after `last` (rows,), which is the token at target position `step`.
+
+    Returns logits (rows, vocab) and each row's log normaliser (rows, 1): a token's
+    log-probability is its logit minus the normaliser. Pad and BOS are never allowed (their
+    logits are -inf, after normalising); once a row has generated its max_len (rows,) tokens,
+    only EOS is. Beam search needs the log-probabilities of a few tokens per row only, so the
+    full (rows, vocab) log-softmax is never built.
+    """
+    logits = model.decode(last[:, None], memory, src_mask, cache)[:, -1].float()
+    log_norm = logits.logsumexp(-1, keepdim=True)
+    logits[:, pad] = float("-inf")
+    logits[:, bos] = float("-inf")
     at_limit = max_len <= step
     if at_limit.any():  # rare: skip building a (rows, vocab) mask on every other step
-        not_eos = torch.arange(logprobs.size(1), device=logprobs.device) != eos
-        logprobs.masked_fill_(at_limit[:, None] & not_eos, float("-inf"))
-    return logprobs
+        not_eos = torch.arange(logits.size(1), device=logits.device) != eos
+        logits.masked_fill_(at_limit[:, None] & not_eos, float("-inf"))
+    return logits, log_norm
+
+
+def top_per_row(scores: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor]:
+    """`scores.topk(k, dim=1)` for a wide (rows, vocab) matrix, about three times faster on CPU.
+
+    Cut each row into blocks and keep the k blocks with the highest maxima: a row's k best
+    entries lie in them, since a block holding one of them has a maximum at least the k-th
+    best, and at most k blocks can. The exact topk then runs on k * block entries, not vocab.
+    """
+    rows, vocab = scores.shape
+    if vocab <= 4 * k * block:
+        return scores.topk(k, dim=1)
+    padding = -vocab % block
+    blocks = F.pad(scores, (0, padding), value=float("-inf")).view(rows, -1, block)
+    best_blocks = blocks.amax(-1).topk(k, dim=1).indices  # (rows, k)
+    candidates = blocks.gather(1, best_blocks[:, :, None].expand(-1, -1, block))
+    values, within = candidates.view(rows, k * block).topk(k, dim=1)
+    return values, best_blocks.gather(1, within // block) * block + within % block
 
 
 @torch.inference_mode()
@@ -87,10 +111,9 @@ def beam_search(model: Transformer, src: Tensor, *, beam: int, bos: int, eos: in
     if not 1 <= nbest <= beam:
         raise ValueError(f"need 1 <= nbest <= beam, got nbest={nbest}, beam={beam}")
     k, device = beam, src.device
+    # The encoder output stays one row per sentence: the decoder lets the k hypotheses of a
+    # sentence (rows s*k .. s*k+k-1, for active sentence s) share it.
     memory, src_mask = model.encode(src)
-    # One row per hypothesis: active sentence s owns rows s*k .. s*k+k-1.
-    rows = torch.arange(src.size(0), device=device).repeat_interleave(k)
-    memory, src_mask = memory[rows], src_mask[rows]
     cache = model.new_cache()
 
     max_len = _max_lengths(model, src, pad, max_len_a, max_len_b)
@@ -106,23 +129,26 @@ def beam_search(model: Transformer, src: Tensor, *, beam: int, bos: int, eos: in
     # from producing k identical hypotheses.
     lp = torch.full((len(sentences), k), float("-inf"), device=device)
     lp[:, 0] = 0.0
-    tokens = torch.empty((len(rows), 0), dtype=torch.long, device=device)
-    token_lps = torch.empty((len(rows), 0), device=device)
-    last = torch.full((len(rows),), bos, dtype=torch.long, device=device)
+    rows = len(sentences) * k
+    tokens = torch.empty((rows, 0), dtype=torch.long, device=device)
+    token_lps = torch.empty((rows, 0), device=device)
+    last = torch.full((rows,), bos, dtype=torch.long, device=device)
 
     step = 0
     while sentences:
         n = len(sentences)
-        logprobs = _next_logprobs(model, last, memory, src_mask, cache, step,
-                                  max_len.repeat_interleave(k), bos, eos, pad)
-        vocab = logprobs.size(1)
+        logits, log_norm = _next_token_logits(model, last, memory, src_mask, cache, step,
+                                              max_len.repeat_interleave(k), bos, eos, pad)
         # The 2k best extensions of each sentence: at most k of them end in EOS (one per
-        # row), so at least k remain to continue.
-        top_lp, top_idx = (lp.view(-1, 1) + logprobs).view(n, k * vocab).topk(
-            min(2 * k, k * vocab), dim=1)
-        top_row = top_idx // vocab + torch.arange(n, device=device)[:, None] * k
-        top_tok = top_idx % vocab
-        top_step_lp = logprobs.view(-1)[top_row * vocab + top_tok]
+        # row), so at least k remain to continue. They are among the 2k best of each row.
+        per_row = min(2 * k, logits.size(1))
+        row_logits, row_tok = top_per_row(logits, per_row)
+        row_step_lp = row_logits - log_norm
+        top_lp, top_idx = (lp.view(-1, 1) + row_step_lp).view(n, k * per_row).topk(
+            min(2 * k, k * per_row), dim=1)
+        top_row = top_idx // per_row + torch.arange(n, device=device)[:, None] * k
+        top_tok = row_tok.view(n, -1).gather(1, top_idx)
+        top_step_lp = row_step_lp.view(n, -1).gather(1, top_idx)
         is_eos = top_tok == eos
         # As in classical beam search, only an EOS among the k best candidates ends a
         # hypothesis: one ranked lower would have fallen out of the beam (and with k = 1 this
@@ -150,16 +176,14 @@ def beam_search(model: Transformer, src: Tensor, *, beam: int, bos: int, eos: in
             sentences = [sentences[i] for i in kept]
             if not sentences:
                 break
-            # All rows of a sentence share one memory, so it changes only when sentences go.
-            kept_rows = (keep[:, None] * k + torch.arange(k, device=device)).view(-1)
-            memory, src_mask = memory[kept_rows], src_mask[kept_rows]
+            memory, src_mask = memory[keep], src_mask[keep]
             max_len, final_pen, worst = max_len[keep], final_pen[keep], worst[keep]
             lp, src_rows, new_tok, new_tok_lp = lp[keep], src_rows[keep], new_tok[keep], \
                 new_tok_lp[keep]
         index = src_rows.view(-1)
-        # Beams of one sentence share its encoder output: the cross-attention keys and values
-        # move only when sentences leave.
-        cache.reorder(index, cross=sentences_left)
+        # The cross-attention keys and values (one row per sentence) move only when sentences
+        # leave.
+        cache.reorder(index, keep if sentences_left else None)
         last = new_tok.view(-1)
         tokens = torch.cat([tokens[index], last[:, None]], dim=1)
         token_lps = torch.cat([token_lps[index], new_tok_lp.view(-1, 1)], dim=1)
@@ -238,8 +262,9 @@ def sample(model: Transformer, src: Tensor, *, bos: int, eos: int, pad: int,
 
     step = 0
     while sentences:
-        logprobs = _next_logprobs(model, last, memory, src_mask, cache, step, max_len, bos, eos,
-                                  pad)
+        logits, log_norm = _next_token_logits(model, last, memory, src_mask, cache, step,
+                                              max_len, bos, eos, pad)
+        logprobs = logits - log_norm
         weights = _sampling_weights(logprobs, temperature, top_k, top_p)
         last = torch.multinomial(weights.softmax(-1), 1, generator=generator).squeeze(1)
         tokens = torch.cat([tokens, last[:, None]], dim=1)
@@ -252,7 +277,7 @@ def sample(model: Transformer, src: Tensor, *, bos: int, eos: int, pad: int,
         if ended.any():  # ended rows leave the batch
             keep = (~ended).nonzero().squeeze(1)
             sentences = [sentences[i] for i in keep.tolist()]
-            cache.reorder(keep)
+            cache.reorder(keep, keep)
             memory, src_mask, max_len = memory[keep], src_mask[keep], max_len[keep]
             tokens, token_lps, last = tokens[keep], token_lps[keep], last[keep]
         step += 1
