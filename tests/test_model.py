@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from traduire.model import Attention, Transformer, TransformerShape
+from traduire.model import (Attention, Transformer, TransformerShape, _causal_mask,
+                             _explicit_attention, _fused_attention)
 
 PAD, BOS, EOS = 0, 2, 3
 VOCAB = 48
@@ -115,6 +116,66 @@ def test_cache_reorder_selects_rows():
     step = model.decode(tgt[index, 3:4], memory[index], src_mask[index], cache=cache)
     torch.testing.assert_close(step[:, 0], model(src[index], tgt[index])[:, 3], atol=1e-5,
                                rtol=1e-5)
+
+
+@torch.no_grad()
+def test_reorder_without_sources_keeps_the_cross_attention_cache():
+    model = tiny()
+    src = random_tokens(2, 5, seed=14)
+    memory, src_mask = model.encode(src)
+    cache = model.new_cache()
+    tgt = torch.full((4, 1), BOS)  # two hypotheses per source
+    model.decode(tgt, memory, src_mask, cache=cache)
+    cross_before = [layer["cross"]["k"] for layer in cache.layers]
+    cache.reorder(torch.tensor([1, 0, 3, 2]))
+    assert all(layer["cross"]["k"] is k for layer, k in zip(cache.layers, cross_before))
+    cache.reorder(torch.tensor([2, 3]), torch.tensor([1]))
+    assert all(layer["cross"]["k"].size(0) == 1 for layer in cache.layers)
+    assert all(layer["self"]["k"].size(0) == 2 for layer in cache.layers)
+
+
+@NORMS
+@torch.no_grad()
+def test_hypotheses_sharing_a_source_equal_their_own_copies(norm):
+    """Beam search feeds g rows per source and one copy of the encoder output; that must
+    give what repeating the encoder output g times gives, weights included."""
+    model = tiny(norm)
+    src = random_tokens(2, 6, seed=15)
+    src[1, 4:] = PAD
+    tgt = torch.cat([torch.full((6, 1), BOS), random_tokens(6, 4, seed=16)], dim=1)
+    memory, src_mask = model.encode(src)
+    group = 3
+    copies = torch.arange(2).repeat_interleave(group)
+    shared, copied = Attention([], [], []), Attention([], [], [])
+    logits = model.decode(tgt, memory, src_mask, attention=shared)
+    expected = model.decode(tgt, memory[copies], src_mask[copies], attention=copied)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(shared.decoder_cross, copied.decoder_cross):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="evenly"):
+        model.decode(tgt[:5], memory, src_mask)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_explicit_and_fused_attention_agree(causal):
+    """CPUs take the explicit attention path, GPUs the fused kernel: same values and same
+    gradients, with padding or causality."""
+    gen = torch.Generator().manual_seed(19)
+    q, k, v = (torch.randn(3, 4, 6, 8, generator=gen, requires_grad=True) for _ in range(3))
+    mask = torch.ones(3, 1, 1, 6, dtype=torch.bool)
+    mask[0, ..., 4:] = False
+    if causal:
+        mask = _causal_mask(6, 6, torch.device("cpu"), mask)
+    explicit, weights = _explicit_attention(q, k, v, mask, 0.0)
+    fused = _fused_attention(q, k, v, mask, 0.0, is_causal=False)
+    torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-5)
+    assert weights[0, :, :, 4:].eq(0).all()
+    if causal:
+        assert weights[1].triu(1).eq(0).all()
+    grads = torch.autograd.grad(explicit.square().sum(), (q, k, v))
+    fused_grads = torch.autograd.grad(fused.square().sum(), (q, k, v))
+    for got, want in zip(grads, fused_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 @NORMS

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from traduire.model import DecoderCache, Transformer, TransformerShape
-from traduire.search import Hypothesis, beam_search, greedy, length_penalty, sample
+from traduire import search
+from traduire.search import (Hypothesis, beam_search, greedy, length_penalty, sample,
+                             top_per_row)
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIAL = dict(bos=BOS, eos=EOS, pad=PAD)
@@ -270,6 +272,32 @@ def test_one_token_per_step_and_the_batch_shrinks() -> None:
     rows = [r for r, _ in shapes]
     assert rows[0] == 3 * 4 and all(r % 4 == 0 for r in rows)
     assert rows == sorted(rows, reverse=True) and rows[-1] < rows[0]
+
+
+@pytest.mark.parametrize(("rows", "vocab", "k"), [(7, 8000, 10), (3, 1001, 4), (2, 700, 1)])
+def test_top_per_row_equals_topk(rows: int, vocab: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(vocab)
+    scores = torch.randn(rows, vocab, generator=gen) * 4
+    scores[0, 5:] = float("-inf")  # a row with fewer finite entries than k + blocks
+    scores[-1, ::3] = float("-inf")
+    values, index = top_per_row(scores, k)
+    expected = scores.topk(k, dim=1)
+    torch.testing.assert_close(values, expected.values)
+    torch.testing.assert_close(scores.gather(1, index), expected.values)
+    finite = expected.values.isfinite()
+    assert torch.equal(index[finite], expected.indices[finite])
+
+
+def test_blockwise_top_k_changes_no_translation(monkeypatch) -> None:
+    """A vocabulary wide enough for top_per_row's block path: same hypotheses as plain topk."""
+    model, src = tiny_model(3000, 5, peak=1.5), random_sources(3000, [3, 6, 2, 5], 5)
+    fast = beam_search(model, src, beam=5, nbest=3, **SPECIAL)
+    monkeypatch.setattr(search, "top_per_row", lambda scores, k: scores.topk(k, dim=1))
+    plain = beam_search(model, src, beam=5, nbest=3, **SPECIAL)
+    assert [[h.tokens for h in hyps] for hyps in fast] == [[h.tokens for h in hyps]
+                                                           for hyps in plain]
+    assert [[h.logprob for h in hyps] for hyps in fast] == [[h.logprob for h in hyps]
+                                                            for hyps in plain]
 
 
 def test_sampling_is_reproducible() -> None:

@@ -3,6 +3,10 @@ sentences, and by tokens. Decoding time only (model loaded and warmed up first).
 
     python scripts/bench/decode_speed.py --run-dir runs/m30k
     python scripts/bench/decode_speed.py --run-dir runs/m30k --beams 5 --batches tokens
+    python scripts/bench/decode_speed.py --run-dir runs/m30k --precisions bf16
+
+Each precision's first pass over the file is timed too ("first_pass_s"): bf16 kernels are
+compiled per shape on first use, which a user translating one file pays once.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ def main() -> None:
     parser.add_argument("--src", type=Path, default=DEFAULT_DATA / "test_2016_flickr.en")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--beams", default="5,1", help="comma-separated beam sizes")
+    parser.add_argument("--precisions", default="fp32,bf16",
+                        help="comma-separated weight precisions: fp32, bf16")
     parser.add_argument("--batches", default="1,16,tokens",
                         help="comma-separated: sentence counts, or 'tokens'")
     parser.add_argument("--batch-tokens", type=int, default=4000)
@@ -49,29 +55,31 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    translator = Translator.load(args.run_dir, args.checkpoint, "cpu")
     lines = read_text(args.src)
-    decode_all(translator, lines[:50], DecodeOptions(beam=5))  # warm-up
     rows = []
-    for beam in (int(b) for b in args.beams.split(",")):
-        for batch in args.batches.split(","):
-            by_tokens = batch == "tokens"
-            size = 0 if by_tokens else int(batch)
-            subset = lines[:args.limit_batch1] if size == 1 and args.limit_batch1 else lines
-            options = DecodeOptions(beam=beam, batch_size=size,
-                                    batch_tokens=args.batch_tokens if by_tokens else 10**9)
-            timings = [decode_all(translator, subset, options) for _ in range(args.repeats)]
-            seconds = statistics.median(t for t, _ in timings)
-            tokens = timings[0][1]
-            rows.append({"beam": beam, "batch": batch, "sentences": len(subset),
-                         "seconds": round(seconds, 2),
-                         "sentences_per_s": round(len(subset) / seconds, 1),
-                         "target_tokens_per_s": round(tokens / seconds, 1)})
+    for precision in args.precisions.split(","):
+        translator = Translator.load(args.run_dir, args.checkpoint, "cpu", precision)
+        first_pass, _ = decode_all(translator, lines, DecodeOptions(beam=5))
+        for beam in (int(b) for b in args.beams.split(",")):
+            for batch in args.batches.split(","):
+                by_tokens = batch == "tokens"
+                size = 0 if by_tokens else int(batch)
+                subset = lines[:args.limit_batch1] if size == 1 and args.limit_batch1 else lines
+                options = DecodeOptions(beam=beam, batch_size=size,
+                                        batch_tokens=args.batch_tokens if by_tokens else 10**9)
+                timings = [decode_all(translator, subset, options) for _ in range(args.repeats)]
+                seconds = statistics.median(t for t, _ in timings)
+                tokens = timings[0][1]
+                rows.append({"precision": precision, "beam": beam, "batch": batch,
+                             "sentences": len(subset), "seconds": round(seconds, 2),
+                             "sentences_per_s": round(len(subset) / seconds, 1),
+                             "target_tokens_per_s": round(tokens / seconds, 1),
+                             "first_pass_s": round(first_pass, 2)})
     result = {"benchmark": "decode_speed", "run_dir": str(args.run_dir), "rows": rows,
               "peak_rss_mib": peak_rss_mib(), **machine()}
     print(json.dumps(result))
-    print_table(rows, ["beam", "batch", "sentences", "seconds", "sentences_per_s",
-                       "target_tokens_per_s"])
+    print_table(rows, ["precision", "beam", "batch", "sentences", "seconds", "sentences_per_s",
+                       "target_tokens_per_s", "first_pass_s"])
     print(f"peak RSS {result['peak_rss_mib']:,.0f} MiB; torch {result['torch']}, "
           f"{result['threads']} threads, {result['cpu']}")
 

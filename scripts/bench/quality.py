@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", choices=["best", "last"], default="last")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], help="config override")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="decoding precision (as traduire translate --precision)")
     args = parser.parse_args()
 
     overrides = [f"train.max_time={args.budget}", f"data.dir={args.data}", *args.set]
@@ -44,7 +46,7 @@ def main() -> None:
     checkpoint = None
     if args.checkpoint == "last":
         checkpoint = sorted((args.run_dir / "checkpoints").glob("step_*.pt"))[-1]
-    translator = Translator.load(args.run_dir, checkpoint, "cpu")
+    translator = Translator.load(args.run_dir, checkpoint, "cpu", args.precision)
     torch.set_num_threads(config.train.threads or torch.get_num_threads())
     rows = []
     for test in ("test_2016_flickr", "test_2017_flickr"):
@@ -55,7 +57,7 @@ def main() -> None:
             sources, DecodeOptions(beam=args.beam))]
         seconds = time.perf_counter() - start
         scores = score(hypotheses, references)
-        rows.append({"test": test, "bleu": scores["bleu"], "chrf": scores["chrf"],
+        rows.append({"test": test, "precision": args.precision, "bleu": scores["bleu"], "chrf": scores["chrf"],
                      "decode_s": round(seconds, 1), "bleu_signature": scores["signature"]["bleu"],
                      "chrf_signature": scores["signature"]["chrf"]})
     result = {"benchmark": "quality", "budget": args.budget, "steps": state.step,

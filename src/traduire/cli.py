@@ -139,6 +139,9 @@ BatchSize = Annotated[int, typer.Option(help="Sentences per batch (0: limited by
 Checkpoint = Annotated[Path | None, typer.Option(
     help="Checkpoint to use instead of the run's best.pt.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+Precision = Annotated[str, typer.Option(
+    help="Weights' precision for decoding: fp32, bf16, or auto (bf16 where the GPU or CPU "
+    "computes it natively, e.g. CPUs with AMX or AVX512-BF16; else fp32).")]
 Sample = Annotated[str | None, typer.Option(
     help="Sample instead of searching: topk:K or topp:P.")]
 Seed = Annotated[int, typer.Option(help="Random seed for --sample.")]
@@ -161,6 +164,7 @@ def translate(
         "--output", "-o", help="Output file (default: stdout).")] = None,
     checkpoint: Checkpoint = None,
     device: Device = "auto",
+    precision: Precision = "auto",
     beam: Beam = 5,
     nbest: Nbest = 1,
     lenpen: Lenpen = 1.0,
@@ -188,7 +192,7 @@ def translate(
         raise TraduireError(f"--format {format!r}: expected text or jsonl")
     options = _decode_options(beam, nbest, lenpen, max_len_a, max_len_b, batch_tokens,
                               batch_size, sample, seed)
-    translator = Translator.load(run_dir, checkpoint, device)
+    translator = Translator.load(run_dir, checkpoint, device, precision)
     stats = translate_file(translator, input, output, options, format=format,
                            show_probs=show_probs, progress=not quiet, flag_below=flag_below)
     stderr.print(f"translated {stats['sentences']:,} lines in {stats['seconds']:.1f}s "
@@ -211,6 +215,7 @@ def eval(
     ter: Annotated[bool, typer.Option("--ter", help="Also compute TER.")] = False,
     checkpoint: Checkpoint = None,
     device: Device = "auto",
+    precision: Precision = "auto",
     beam: Beam = 5,
     lenpen: Lenpen = 1.0,
     max_len_a: MaxLenA = 1.2,
@@ -235,7 +240,7 @@ def eval(
         check_aligned(src, sources, ref, references)
         options = _decode_options(beam, 1, lenpen, max_len_a, max_len_b, batch_tokens,
                                   batch_size, None, 0)
-        translator = Translator.load(run_dir, checkpoint, device)
+        translator = Translator.load(run_dir, checkpoint, device, precision)
         hypotheses = []
         speed = translate_file(translator, str(src), output, options, collect=hypotheses,
                                progress=not json_)
@@ -334,7 +339,7 @@ def attention(
         raise TraduireError("--cross shows every output word; drop --token/--index")
     if panels not in ("layers", "heads"):
         raise TraduireError(f"--panels {panels!r}: expected layers or heads")
-    translator = Translator.load(run_dir, checkpoint, device)
+    translator = Translator.load(run_dir, checkpoint, device, "fp32")
     amap = attention_map(translator, sentence, cross=cross, beam=beam)
     row = None
     if not cross:
@@ -388,7 +393,7 @@ def score(
     sources, targets = read_text(src), read_text(tgt)
     if len(sources) != len(targets):
         raise TraduireError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}")
-    translator = Translator.load(run_dir, checkpoint, device)
+    translator = Translator.load(run_dir, checkpoint, device, "fp32")
     pairs = score_pairs(translator, sources, targets)
     if json_:
         print(json.dumps({"pairs": [p.as_record() for p in pairs]}, ensure_ascii=False))
