@@ -244,6 +244,17 @@ def test_bf16_autocast_training_on_cpu_lowers_the_loss(tmp_path, tiny_config_pat
     assert losses[-1] < losses[0] - 0.5
 
 
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_bf16_only_on_native_hardware(tmp_path, tiny_config_path, capsys,
+                                                        monkeypatch, native, expected):
+    import traduire.train
+
+    monkeypatch.setattr(traduire.train, "native_bf16", lambda device: native)
+    config = load_config(tiny_config_path, ["train.precision=auto", "train.max_steps=2"])
+    run(config, tmp_path / "run")
+    assert f"parameters on cpu, {expected}" in capsys.readouterr().err
+
+
 def test_early_stopping_ends_after_patience_validations_without_improvement(tmp_path,
                                                                             tiny_config_path):
     # A learning rate too small to move float32 weights: the validation loss cannot improve

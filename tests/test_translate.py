@@ -27,7 +27,7 @@ def test_explicit_precisions() -> None:
 @pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16),
                                                   (False, torch.float32)])
 def test_auto_uses_bf16_only_where_the_cpu_has_it(monkeypatch, native, expected) -> None:
-    monkeypatch.setattr(translate, "_cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(translate, "native_bf16", lambda device: native)
     assert decode_dtype("auto", CPU) is expected
 
 

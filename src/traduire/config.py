@@ -110,7 +110,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
     clip_norm: float = 0.0  # 0 disables gradient clipping
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype (fp16 adds loss scaling)
+    # Autocast dtype (fp16 adds loss scaling); auto = bf16 where the hardware has it natively.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False  # torch.compile the model (helps on GPU; rarely on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default

@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from traduire import ops
+from traduire.ops import Dropout
+
 
 @dataclass(frozen=True)
 class TransformerShape:
@@ -182,7 +185,7 @@ def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dr
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
-    return F.dropout(weights, dropout, dropout > 0).to(v.dtype) @ v, weights
+    return ops.dropout(weights, dropout, dropout > 0).to(v.dtype) @ v, weights
 
 
 def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float,
@@ -211,7 +214,7 @@ class PositionwiseFeedForward(nn.Module):
         self.linear1 = nn.Linear(d_model, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, d_model)
         self.activation = {"relu": F.relu, "gelu": F.gelu}[activation]
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
@@ -224,7 +227,7 @@ class Sublayer(nn.Module):
     def __init__(self, d_model: int, dropout: float, pre_norm: bool) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.pre_norm = pre_norm
 
     def forward(self, x: Tensor, fn) -> tuple[Tensor, Tensor | None]:
@@ -304,7 +307,7 @@ class Encoder(nn.Module):
                  positions: SinusoidalPositions) -> None:
         super().__init__()
         self.embedding, self.positions = embedding, positions
-        self.dropout = nn.Dropout(shape.dropout)
+        self.dropout = Dropout(shape.dropout)
         self.layers = nn.ModuleList(EncoderLayer(shape) for _ in range(shape.encoder_layers))
         # Pre-norm leaves the residual stream unnormalised; one final LayerNorm fixes its scale.
         self.final_norm = nn.LayerNorm(shape.d_model) if shape.norm == "pre" else nn.Identity()
@@ -324,7 +327,7 @@ class Decoder(nn.Module):
                  positions: SinusoidalPositions) -> None:
         super().__init__()
         self.embedding, self.positions = embedding, positions
-        self.dropout = nn.Dropout(shape.dropout)
+        self.dropout = Dropout(shape.dropout)
         self.layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.decoder_layers))
         self.final_norm = nn.LayerNorm(shape.d_model) if shape.norm == "pre" else nn.Identity()
 

@@ -9,6 +9,10 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # glibc's mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -42,6 +46,21 @@ def tune_onednn() -> None:
     default cache thrashes and recompiles every step; a larger one keeps them all (the user's
     value wins). Must run before torch first uses oneDNN."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: a GPU that supports bf16, or a
+    CPU with AMX or AVX512-BF16. Elsewhere bf16 is emulated and slower than fp32."""
+    import torch  # not at module level: tune_onednn must run before torch loads
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:  # private probes (torch >= 2.3); without them, assume no
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        return False
 
 
 def apply() -> None:

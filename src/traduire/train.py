@@ -43,6 +43,7 @@ from traduire.config import (
 from traduire.data import Batch, EncodedCorpus, collate, split_batch, token_batches
 from traduire.errors import CheckpointError, TraduireError
 from traduire.model import Transformer, TransformerShape
+from traduire.runtime import native_bf16
 from traduire.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -152,8 +153,10 @@ class Trainer:
                                           betas=self.cfg.adam_betas, eps=self.cfg.adam_eps,
                                           weight_decay=self.cfg.weight_decay,
                                           fused=True)  # one kernel, not ~10 per tensor
-        self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=self.cfg.precision == "fp16")
+        self.precision = self.cfg.precision
+        if self.precision == "auto":
+            self.precision = "bf16" if native_bf16(self.device) else "fp32"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.state = TrainState()
         self.max_time = parse_duration(self.cfg.max_time) if self.cfg.max_time else math.inf
         self.console = Console(stderr=True)
@@ -174,6 +177,7 @@ class Trainer:
             return self.state
         self._info(f"training {self.model.num_parameters():,} parameters on {self.device}"
                    + (f" x {self.dist.world_size} ranks" if self.dist.enabled else "")
+                   + f", {self.precision}"
                    + (f", resuming at step {self.state.step}" if self.state.step else ""))
         with self._signals_handled(), self._metrics_file() as metrics, \
                 self._progress() as progress:
@@ -282,7 +286,7 @@ class Trainer:
 
     def _loss(self, batch: Batch, label_smoothing: float) -> torch.Tensor:
         """Summed cross-entropy over the batch's real target tokens."""
-        dtype = AUTOCAST_DTYPES.get(self.cfg.precision)
+        dtype = AUTOCAST_DTYPES.get(self.precision)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             logits = self.net(batch.src, batch.tgt_in)
         return F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(),
@@ -331,7 +335,7 @@ class Trainer:
         for part in batches[self.dist.rank::self.dist.world_size]:
             batch = collate(*data.pairs(part), pad=tok.pad_id, bos=tok.bos_id,
                             eos=tok.eos_id).to(self.device)
-            dtype = AUTOCAST_DTYPES.get(self.cfg.precision)
+            dtype = AUTOCAST_DTYPES.get(self.precision)
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 logits = self.model(batch.src, batch.tgt_in)
             nll += F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(),
