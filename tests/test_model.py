@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from traduire.model import (Attention, Transformer, TransformerShape, _causal_mask,
-                             _explicit_attention, _fused_attention)
+from traduire.model import (
+    Attention,
+    Transformer,
+    TransformerShape,
+    _causal_mask,
+    _explicit_attention,
+    _fused_attention,
+)
 
 PAD, BOS, EOS = 0, 2, 3
 VOCAB = 48

@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 
-from traduire.model import DecoderCache, Transformer, TransformerShape
 from traduire import search
-from traduire.search import (Hypothesis, beam_search, greedy, length_penalty, sample,
-                             top_per_row)
+from traduire.model import DecoderCache, Transformer, TransformerShape
+from traduire.search import Hypothesis, beam_search, greedy, length_penalty, sample, top_per_row
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIAL = dict(bos=BOS, eos=EOS, pad=PAD)

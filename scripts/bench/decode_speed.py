@@ -4,6 +4,8 @@ sentences, and by tokens. Decoding time only (model loaded and warmed up first).
     python scripts/bench/decode_speed.py --run-dir runs/m30k
     python scripts/bench/decode_speed.py --run-dir runs/m30k --beams 5 --batches tokens
     python scripts/bench/decode_speed.py --run-dir runs/m30k --precisions bf16
+    python scripts/bench/decode_speed.py --run-dir runs/m30k --engine ctranslate2 \
+        --precisions fp32,int8     # after: traduire export --run-dir runs/m30k
 
 Each precision's first pass over the file is timed too ("first_pass_s"): bf16 kernels are
 compiled per shape on first use, which a user translating one file pays once.
@@ -45,7 +47,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--beams", default="5,1", help="comma-separated beam sizes")
     parser.add_argument("--precisions", default="fp32,bf16",
-                        help="comma-separated weight precisions: fp32, bf16")
+                        help="comma-separated weight precisions: fp32, bf16 (and int8 with "
+                        "--engine ctranslate2)")
+    parser.add_argument("--engine", choices=["torch", "ctranslate2"], default="torch")
     parser.add_argument("--batches", default="1,16,tokens",
                         help="comma-separated: sentence counts, or 'tokens'")
     parser.add_argument("--batch-tokens", type=int, default=4000)
@@ -58,7 +62,14 @@ def main() -> None:
     lines = read_text(args.src)
     rows = []
     for precision in args.precisions.split(","):
-        translator = Translator.load(args.run_dir, args.checkpoint, "cpu", precision)
+        if args.engine == "torch":
+            translator = Translator.load(args.run_dir, args.checkpoint, "cpu", precision)
+        else:
+            from traduire.export import CTranslate2Translator
+
+            compute_type = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}[precision]
+            translator = CTranslate2Translator.open(args.run_dir, compute_type=compute_type,
+                                                    threads=args.threads)
         first_pass, _ = decode_all(translator, lines, DecodeOptions(beam=5))
         for beam in (int(b) for b in args.beams.split(",")):
             for batch in args.batches.split(","):
@@ -70,16 +81,16 @@ def main() -> None:
                 timings = [decode_all(translator, subset, options) for _ in range(args.repeats)]
                 seconds = statistics.median(t for t, _ in timings)
                 tokens = timings[0][1]
-                rows.append({"precision": precision, "beam": beam, "batch": batch,
-                             "sentences": len(subset), "seconds": round(seconds, 2),
+                rows.append({"engine": args.engine, "precision": precision, "beam": beam,
+                             "batch": batch, "sentences": len(subset), "seconds": round(seconds, 2),
                              "sentences_per_s": round(len(subset) / seconds, 1),
                              "target_tokens_per_s": round(tokens / seconds, 1),
                              "first_pass_s": round(first_pass, 2)})
     result = {"benchmark": "decode_speed", "run_dir": str(args.run_dir), "rows": rows,
               "peak_rss_mib": peak_rss_mib(), **machine()}
     print(json.dumps(result))
-    print_table(rows, ["precision", "beam", "batch", "sentences", "seconds", "sentences_per_s",
-                       "target_tokens_per_s", "first_pass_s"])
+    print_table(rows, ["engine", "precision", "beam", "batch", "sentences", "seconds",
+                       "sentences_per_s", "target_tokens_per_s", "first_pass_s"])
     print(f"peak RSS {result['peak_rss_mib']:,.0f} MiB; torch {result['torch']}, "
           f"{result['threads']} threads, {result['cpu']}")
 

@@ -57,7 +57,8 @@ def main() -> None:
             sources, DecodeOptions(beam=args.beam))]
         seconds = time.perf_counter() - start
         scores = score(hypotheses, references)
-        rows.append({"test": test, "precision": args.precision, "bleu": scores["bleu"], "chrf": scores["chrf"],
+        rows.append({"test": test, "precision": args.precision, "bleu": scores["bleu"],
+                     "chrf": scores["chrf"],
                      "decode_s": round(seconds, 1), "bleu_signature": scores["signature"]["bleu"],
                      "chrf_signature": scores["signature"]["chrf"]})
     result = {"benchmark": "quality", "budget": args.budget, "steps": state.step,

@@ -156,6 +156,27 @@ def _decode_options(beam, nbest, lenpen, max_len_a, max_len_b, batch_tokens, bat
                          sample=sample, seed=seed)
 
 
+def _load_translator(run_dir, checkpoint, device, precision, engine):
+    from traduire.translate import Translator
+
+    if engine == "torch":
+        return Translator.load(run_dir, checkpoint, device, precision)
+    if engine != "ctranslate2":
+        raise TraduireError(f"--engine {engine!r}: expected torch or ctranslate2")
+    from traduire.export import CTranslate2Translator
+
+    if checkpoint is not None:
+        raise TraduireError("--checkpoint does not apply to --engine ctranslate2: export that "
+                            "checkpoint with 'traduire export --checkpoint FILE'")
+    compute_type = {"auto": "default", "fp32": "float32", "bf16": "bfloat16"}.get(precision)
+    if compute_type is None:
+        raise TraduireError(f"precision {precision!r}: expected one of auto, fp32, bf16")
+    from traduire.train import resolve_device
+
+    return CTranslate2Translator.open(run_dir, device=resolve_device(device).type,
+                                      compute_type=compute_type)
+
+
 @command
 def translate(
     input: Annotated[str, typer.Argument(help="Text file, one sentence per line; '-' for stdin.")],
@@ -165,6 +186,10 @@ def translate(
     checkpoint: Checkpoint = None,
     device: Device = "auto",
     precision: Precision = "auto",
+    engine: Annotated[str, typer.Option(
+        help="torch, or ctranslate2 to search with the C++ engine on the model written by "
+        "'traduire export' (its length penalty is CTranslate2's: logprob / length^lenpen).")]
+        = "torch",
     beam: Beam = 5,
     nbest: Nbest = 1,
     lenpen: Lenpen = 1.0,
@@ -186,13 +211,13 @@ def translate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Translate a text file: exactly one output line per input line, in input order."""
-    from traduire.translate import Translator, translate_file
+    from traduire.translate import translate_file
 
     if format not in ("text", "jsonl"):
         raise TraduireError(f"--format {format!r}: expected text or jsonl")
     options = _decode_options(beam, nbest, lenpen, max_len_a, max_len_b, batch_tokens,
                               batch_size, sample, seed)
-    translator = Translator.load(run_dir, checkpoint, device, precision)
+    translator = _load_translator(run_dir, checkpoint, device, precision, engine)
     stats = translate_file(translator, input, output, options, format=format,
                            show_probs=show_probs, progress=not quiet, flag_below=flag_below)
     stderr.print(f"translated {stats['sentences']:,} lines in {stats['seconds']:.1f}s "
@@ -280,6 +305,29 @@ def average(
     save_checkpoint(output, state)
     stderr.print(f"averaged {len(paths)} checkpoints ({paths[0].name} .. {paths[-1].name}) "
                  f"into {output}")
+
+
+@command
+def export(
+    run_dir: RunDir,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Model directory to write (default: RUN/ctranslate2, where "
+        "translate --engine ctranslate2 looks).")] = None,
+    checkpoint: Checkpoint = None,
+    quantization: Annotated[str | None, typer.Option(
+        help="Store the weights as float32 (default), bfloat16, float16, int8, int8_float32 "
+        "or int8_bfloat16.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")]
+        = False,
+) -> None:
+    """Export the model to CTranslate2, a C++ inference engine (needs the ctranslate2 package:
+    pip install 'traduire[ctranslate2]'); then translate with --engine ctranslate2."""
+    from traduire.export import export_ctranslate2
+    from traduire.translate import Translator
+
+    translator = Translator.load(run_dir, checkpoint, "cpu", "fp32")
+    out = export_ctranslate2(translator, output or run_dir / "ctranslate2", quantization, force)
+    stderr.print(f"wrote the CTranslate2 model of {translator.checkpoint} to {out}")
 
 
 

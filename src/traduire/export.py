@@ -1,0 +1,195 @@
+"""Export a trained model to CTranslate2, the C++ inference engine, and translate with it.
+
+traduire's Transformer maps one to one onto CTranslate2's Transformer specification: packed
+query/key/value projections, pre- or post-norm, sinusoidal positions, embeddings scaled by
+sqrt(d_model), the output projection tied to the target embeddings. The weights are copied as
+they are; CTranslate2 quantises them on export or on load (`compute_type`).
+
+Needs the `ctranslate2` package (`pip install 'traduire[ctranslate2]'`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from traduire.errors import TraduireError
+from traduire.model import MultiHeadAttention, Sublayer, Transformer
+from traduire.search import Hypothesis
+from traduire.tokenizer import Tokenizer
+from traduire.translate import DecodeOptions, Translator, parse_sampling
+
+QUANTIZATIONS = ("float32", "bfloat16", "float16", "int8", "int8_float32", "int8_bfloat16")
+
+
+def _ctranslate2():
+    try:
+        import ctranslate2
+    except ImportError:
+        raise TraduireError("the ctranslate2 package is not installed: "
+                            "pip install 'traduire[ctranslate2]'") from None
+    return ctranslate2
+
+
+def _numpy(tensor: torch.Tensor):
+    return tensor.detach().float().cpu().numpy()
+
+
+def _set_norm(spec, norm: torch.nn.LayerNorm) -> None:
+    spec.gamma, spec.beta = _numpy(norm.weight), _numpy(norm.bias)
+
+
+def _set_linear(spec, linear: torch.nn.Linear) -> None:
+    spec.weight, spec.bias = _numpy(linear.weight), _numpy(linear.bias)
+
+
+def _set_attention(spec, attention: MultiHeadAttention, block: Sublayer) -> None:
+    # CTranslate2 keeps a sublayer's LayerNorm with its attention (before it in pre-norm, after
+    # the residual sum in post-norm), as traduire's Sublayer does.
+    _set_norm(spec.layer_norm, block.norm)
+    if attention.cross:
+        linears = [attention.q_proj, attention.kv_proj, attention.out_proj]
+    else:
+        linears = [attention.qkv_proj, attention.out_proj]
+    for linear_spec, linear in zip(spec.linear, linears, strict=True):
+        _set_linear(linear_spec, linear)
+
+
+def _set_ffn(spec, layer) -> None:
+    _set_norm(spec.layer_norm, layer.ffn_block.norm)
+    _set_linear(spec.linear_0, layer.ffn.linear1)
+    _set_linear(spec.linear_1, layer.ffn.linear2)
+
+
+def ctranslate2_spec(model: Transformer, tokenizer: Tokenizer):
+    """The CTranslate2 model specification holding `model`'s weights and vocabularies."""
+    _ctranslate2()
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    shape = model.shape
+    activation = {"relu": common_spec.Activation.RELU,
+                  "gelu": common_spec.Activation.GELU}[shape.activation]
+    spec = transformer_spec.TransformerSpec.from_config(
+        (shape.encoder_layers, shape.decoder_layers), shape.heads,
+        pre_norm=shape.norm == "pre", activation=activation)
+    positions = _numpy(model.encoder.positions.table)
+    for stack, torch_stack in ((spec.encoder, model.encoder), (spec.decoder, model.decoder)):
+        stack.scale_embeddings = True
+        stack.position_encodings.encodings = positions
+        if shape.norm == "pre":
+            _set_norm(stack.layer_norm, torch_stack.final_norm)
+    spec.encoder.embeddings[0].weight = _numpy(model.encoder.embedding.weight)
+    spec.decoder.embeddings.weight = _numpy(model.decoder.embedding.weight)
+    spec.decoder.projection.weight = _numpy(model.decoder.embedding.weight)
+    for layer_spec, layer in zip(spec.encoder.layer, model.encoder.layers, strict=True):
+        _set_attention(layer_spec.self_attention, layer.self_attn, layer.attn_block)
+        _set_ffn(layer_spec.ffn, layer)
+    for layer_spec, layer in zip(spec.decoder.layer, model.decoder.layers, strict=True):
+        _set_attention(layer_spec.self_attention, layer.self_attn, layer.self_block)
+        _set_attention(layer_spec.attention, layer.cross_attn, layer.cross_block)
+        _set_ffn(layer_spec.ffn, layer)
+
+    pieces = tokenizer.tgt_pieces(list(range(tokenizer.tgt_vocab_size)))
+    spec.register_source_vocabulary(
+        [tokenizer.src.id_to_piece(i) for i in range(tokenizer.src_vocab_size)])
+    spec.register_target_vocabulary(pieces)
+    spec.config.unk_token = pieces[tokenizer.unk_id]
+    spec.config.bos_token = spec.config.decoder_start_token = pieces[tokenizer.bos_id]
+    spec.config.eos_token = pieces[tokenizer.eos_id]
+    spec.config.add_source_eos = True  # traduire's sources end with EOS
+    spec.config.layer_norm_epsilon = model.decoder.layers[0].ffn_block.norm.eps
+    return spec
+
+
+def export_ctranslate2(translator: Translator, out_dir: Path, quantization: str | None = None,
+                       force: bool = False) -> Path:
+    """Write `translator`'s model as a CTranslate2 model directory; returns it."""
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise TraduireError(f"quantization {quantization!r}: expected one of "
+                            f"{', '.join(QUANTIZATIONS)}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise TraduireError(f"{out_dir}: already exists (use --force to replace it)")
+    spec = ctranslate2_spec(translator.model.float(), translator.tokenizer)
+    spec.validate()
+    spec.optimize(quantization=quantization)
+    # Written beside the target and renamed, so a failed export never leaves half a model.
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    spec.save(str(tmp))
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+class CTranslate2Translator(Translator):
+    """A Translator whose search runs in CTranslate2 on an exported model. Tokenisation, batching
+    and output are traduire's.
+
+    Differences from traduire's own search, all CTranslate2's: the length penalty divides the
+    log-probability by length^α instead of ((5 + length) / 6)^α (α = 0 gives the same ranking),
+    the length limit is per batch (from its longest source), and per-token log-probabilities are
+    not reported.
+    """
+
+    def __init__(self, base: Translator, engine, compute_type: str) -> None:
+        super().__init__(base.model, base.tokenizer, base.config, base.device, base.checkpoint)
+        self.engine, self.compute_type = engine, compute_type
+        tok = self.tokenizer
+        self.src_vocab = [tok.src.id_to_piece(i) for i in range(tok.src_vocab_size)]
+        self.tgt_ids = {p: i for i, p in enumerate(tok.tgt_pieces(range(tok.tgt_vocab_size)))}
+
+    @classmethod
+    def open(cls, run_dir: Path, model_dir: Path | None = None, device: str = "cpu",
+             compute_type: str = "default", threads: int = 0) -> CTranslate2Translator:
+        ct2 = _ctranslate2()
+        model_dir = Path(model_dir) if model_dir else Path(run_dir) / "ctranslate2"
+        if not (model_dir / "model.bin").is_file():
+            raise TraduireError(f"{model_dir}: no CTranslate2 model here; write one with "
+                                f"'traduire export --run-dir {run_dir}'")
+        base = Translator.load(run_dir, device="cpu", precision="fp32")
+        engine = ct2.Translator(str(model_dir), device="cuda" if device == "cuda" else "cpu",
+                                compute_type=compute_type,
+                                intra_threads=threads or torch.get_num_threads())
+        return cls(base, engine, compute_type)
+
+    def translate_ids(self, src_ids: list[list[int]], options: DecodeOptions,
+                      generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+        tok = self.tokenizer
+        pieces = [[self.src_vocab[i] for i in ids] for ids in src_ids]
+        longest = max(len(ids) for ids in src_ids) + 1
+        limit = min(int(options.max_len_a * longest + options.max_len_b),
+                    self.model.shape.max_positions - 1)
+        search = dict(beam_size=options.beam, num_hypotheses=options.nbest,
+                      length_penalty=options.lenpen)
+        if options.sample is not None:
+            top_k, top_p = parse_sampling(options.sample)
+            _ctranslate2().set_random_seed(options.seed)
+            search = dict(beam_size=1, sampling_topk=top_k or 0, sampling_topp=top_p or 1.0,
+                          sampling_temperature=options.temperature)
+        # As in traduire's search, BOS and padding are never generated.
+        never = [[tok.tgt_pieces([i])[0]] for i in (tok.bos_id, tok.pad_id)]
+        results = self.engine.translate_batch(pieces, max_decoding_length=limit + 1,
+                                              return_scores=True, return_end_token=False,
+                                              suppress_sequences=never, **search)
+        out = []
+        for result in results:
+            hyps = []
+            for tokens, score in zip(result.hypotheses, result.scores):
+                # At the length limit traduire ends a hypothesis with EOS; CTranslate2 stops one
+                # token later without it.
+                ids = [self.tgt_ids.get(p, tok.unk_id) for p in tokens][:limit]
+                # CTranslate2's score is logprob / (length + 1)^α, EOS counted.
+                logprob = score * (len(ids) + 1) ** (options.lenpen if options.sample is None
+                                                     else 0.0)
+                hyps.append(Hypothesis(ids, logprob, score, []))
+            out.append(hyps)
+        return out

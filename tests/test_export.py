@@ -1,0 +1,110 @@
+"""Tests for traduire.export: a CTranslate2 export is the same model, and searches alike."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from traduire.cli import app
+from traduire.translate import DecodeOptions, Translator
+
+ctranslate2 = pytest.importorskip("ctranslate2")
+
+from traduire.export import CTranslate2Translator, export_ctranslate2  # noqa: E402
+from traduire.inspect_model import score_ids  # noqa: E402
+from traduire.model import Transformer  # noqa: E402
+
+SOURCES = ["the dog runs", "a man in a red shirt sits on a bench", "", "two children",
+           "people walk down the street at night", "a"]
+
+
+def random_variant(base: Translator, norm: str, activation: str) -> Translator:
+    """The trained run's tokenizer with a random model of another shape."""
+    torch.manual_seed(0)
+    shape = dataclasses.replace(base.model.shape, norm=norm, activation=activation,
+                                encoder_layers=2, decoder_layers=1)
+    model = Transformer(shape).eval()
+    with torch.no_grad():  # non-zero norm biases, so that exporting them is tested too
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.bias.normal_(0.0, 0.1)
+    return Translator(model, base.tokenizer, base.config, base.device, base.checkpoint)
+
+
+@pytest.fixture(scope="module")
+def base(small_run) -> Translator:
+    return Translator.load(small_run[1], device="cpu", precision="fp32")
+
+
+@pytest.mark.parametrize(("norm", "activation"), [("pre", "relu"), ("post", "gelu")])
+def test_exported_model_scores_like_the_original(base, tmp_path, norm, activation):
+    """Forced decoding of random targets: CTranslate2's per-token log-probabilities equal
+    traduire's, so every weight, norm, position and the tied projection went across."""
+    translator = random_variant(base, norm, activation)
+    export_ctranslate2(translator, tmp_path / "ct2")
+    engine = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu", intra_threads=1)
+    tok = translator.tokenizer
+    src_ids = [ids[:20] for ids in tok.encode_src([s for s in SOURCES if s])]
+    gen = torch.Generator().manual_seed(1)
+    tgt_ids = [torch.randint(4, tok.tgt_vocab_size, (n,), generator=gen).tolist()
+               for n in (3, 9, 1, 6, 12)]
+    ours = score_ids(translator, src_ids, tgt_ids)
+    theirs = engine.score_batch([tok.tgt_pieces(ids) for ids in src_ids],
+                                [tok.tgt_pieces(ids) for ids in tgt_ids])
+    for mine, other in zip(ours, theirs, strict=True):
+        assert other.log_probs == pytest.approx(mine, abs=1e-4)  # target tokens, then EOS
+
+
+@pytest.mark.parametrize(("norm", "activation"), [("pre", "relu"), ("post", "gelu")])
+def test_ctranslate2_greedy_search_equals_traduire_greedy(base, tmp_path, norm, activation):
+    translator = random_variant(base, norm, activation)
+    export_ctranslate2(translator, tmp_path / "ct2")
+    engine = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu", intra_threads=1)
+    ct2 = CTranslate2Translator(translator, engine, "default")
+    options = DecodeOptions(beam=1, lenpen=0.0, max_len_a=0.0, max_len_b=12)
+    ours = list(translator.translate_lines(SOURCES, options))
+    theirs = list(ct2.translate_lines(SOURCES, options))
+    assert sum(len(r.hypotheses[0].tokens) for r in ours if r.hypotheses) > len(SOURCES)
+    for mine, other in zip(ours, theirs, strict=True):
+        assert [h.tokens for h in mine.hypotheses] == [h.tokens for h in other.hypotheses]
+        assert mine.texts == other.texts
+
+
+def test_cli_export_then_translate(small_run, tmp_path):
+    run_dir = small_run[1]
+    runner = CliRunner()
+    target = tmp_path / "ct2"
+    result = runner.invoke(app, ["export", "-r", str(run_dir), "-o", str(target),
+                                 "--quantization", "int8"])
+    assert result.exit_code == 0, result.output
+    assert (target / "model.bin").is_file()
+    again = runner.invoke(app, ["export", "-r", str(run_dir), "-o", str(target)])
+    assert again.exit_code != 0 and "already exists (use --force" in again.output
+
+    source = tmp_path / "in.en"
+    source.write_text("\n".join(SOURCES) + "\n\n")
+    out = tmp_path / "out.fr"
+    missing = runner.invoke(app, ["translate", str(source), "-r", str(run_dir), "-o", str(out),
+                                  "--engine", "ctranslate2"])
+    assert missing.exit_code != 0 and "traduire export --run-dir" in missing.output
+    assert not out.exists()
+
+    # The run's own export location, where --engine ctranslate2 looks.
+    result = runner.invoke(app, ["export", "-r", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    try:
+        result = runner.invoke(app, ["translate", str(source), "-r", str(run_dir), "-o",
+                                     str(out), "--engine", "ctranslate2", "-q"])
+        assert result.exit_code == 0, result.output
+        lines = out.read_text().split("\n")
+        assert len(lines) == len(SOURCES) + 2  # one per input line, and the final newline
+        assert lines[2] == "" and lines[-2] == ""
+    finally:
+        import shutil
+
+        shutil.rmtree(run_dir / "ctranslate2")  # the shared run must stay as it was
+    bad = runner.invoke(app, ["translate", str(source), "-r", str(run_dir), "--engine", "onnx"])
+    assert bad.exit_code != 0 and "--engine 'onnx': expected torch or ctranslate2" in bad.output
