@@ -106,5 +106,9 @@ def test_cli_export_then_translate(small_run, tmp_path):
         import shutil
 
         shutil.rmtree(run_dir / "ctranslate2")  # the shared run must stay as it was
+    result = runner.invoke(app, ["translate", str(source), "-r", str(run_dir), "-o", str(out),
+                                 "--engine", "ctranslate2", "--engine-dir", str(target), "-q"])
+    assert result.exit_code == 0, result.output  # the int8 export
+    assert len(out.read_text().split("\n")) == len(SOURCES) + 2
     bad = runner.invoke(app, ["translate", str(source), "-r", str(run_dir), "--engine", "onnx"])
     assert bad.exit_code != 0 and "--engine 'onnx': expected torch or ctranslate2" in bad.output

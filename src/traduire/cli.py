@@ -156,9 +156,11 @@ def _decode_options(beam, nbest, lenpen, max_len_a, max_len_b, batch_tokens, bat
                          sample=sample, seed=seed)
 
 
-def _load_translator(run_dir, checkpoint, device, precision, engine):
+def _load_translator(run_dir, checkpoint, device, precision, engine, engine_dir):
     from traduire.translate import Translator
 
+    if engine_dir is not None and engine != "ctranslate2":
+        raise TraduireError("--engine-dir needs --engine ctranslate2")
     if engine == "torch":
         return Translator.load(run_dir, checkpoint, device, precision)
     if engine != "ctranslate2":
@@ -173,7 +175,7 @@ def _load_translator(run_dir, checkpoint, device, precision, engine):
         raise TraduireError(f"precision {precision!r}: expected one of auto, fp32, bf16")
     from traduire.train import resolve_device
 
-    return CTranslate2Translator.open(run_dir, device=resolve_device(device).type,
+    return CTranslate2Translator.open(run_dir, engine_dir, device=resolve_device(device).type,
                                       compute_type=compute_type)
 
 
@@ -190,6 +192,9 @@ def translate(
         help="torch, or ctranslate2 to search with the C++ engine on the model written by "
         "'traduire export' (its length penalty is CTranslate2's: logprob / length^lenpen).")]
         = "torch",
+    engine_dir: Annotated[Path | None, typer.Option(
+        help="With --engine ctranslate2: the exported model (default: RUN/ctranslate2).")]
+        = None,
     beam: Beam = 5,
     nbest: Nbest = 1,
     lenpen: Lenpen = 1.0,
@@ -217,7 +222,7 @@ def translate(
         raise TraduireError(f"--format {format!r}: expected text or jsonl")
     options = _decode_options(beam, nbest, lenpen, max_len_a, max_len_b, batch_tokens,
                               batch_size, sample, seed)
-    translator = _load_translator(run_dir, checkpoint, device, precision, engine)
+    translator = _load_translator(run_dir, checkpoint, device, precision, engine, engine_dir)
     stats = translate_file(translator, input, output, options, format=format,
                            show_probs=show_probs, progress=not quiet, flag_below=flag_below)
     stderr.print(f"translated {stats['sentences']:,} lines in {stats['seconds']:.1f}s "

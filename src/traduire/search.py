@@ -89,7 +89,9 @@ def top_per_row(scores: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor
     if vocab <= 4 * k * block:
         return scores.topk(k, dim=1)
     padding = -vocab % block
-    blocks = F.pad(scores, (0, padding), value=float("-inf")).view(rows, -1, block)
+    if padding:
+        scores = F.pad(scores, (0, padding), value=float("-inf"))
+    blocks = scores.view(rows, -1, block)
     best_blocks = blocks.amax(-1).topk(k, dim=1).indices  # (rows, k)
     candidates = blocks.gather(1, best_blocks[:, :, None].expand(-1, -1, block))
     values, within = candidates.view(rows, k * block).topk(k, dim=1)
