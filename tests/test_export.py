@@ -83,6 +83,12 @@ def test_cli_export_then_translate(small_run, tmp_path):
     assert (target / "model.bin").is_file()
     again = runner.invoke(app, ["export", "-r", str(run_dir), "-o", str(target)])
     assert again.exit_code != 0 and "already exists (use --force" in again.output
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep me")
+    refused = runner.invoke(app, ["export", "-r", str(run_dir), "-o", str(notes), "--force"])
+    assert refused.exit_code != 0 and "not replacing it" in refused.output
+    assert (notes / "mine.txt").read_text() == "keep me"
 
     source = tmp_path / "in.en"
     source.write_text("\n".join(SOURCES) + "\n\n")

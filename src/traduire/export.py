@@ -10,6 +10,7 @@ Needs the `ctranslate2` package (`pip install 'traduire[ctranslate2]'`).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -109,23 +110,23 @@ def export_ctranslate2(translator: Translator, out_dir: Path, quantization: str 
         raise TraduireError(f"quantization {quantization!r}: expected one of "
                             f"{', '.join(QUANTIZATIONS)}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise TraduireError(f"{out_dir}: already exists (use --force to replace it)")
-    spec = ctranslate2_spec(translator.model.float(), translator.tokenizer)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TraduireError(f"{out_dir}: is a file, not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / "model.bin").is_file():
+            raise TraduireError(f"{out_dir}: a non-empty directory that is not a CTranslate2 "
+                                "model; not replacing it")
+        if not force:
+            raise TraduireError(f"{out_dir}: already exists (use --force to replace it)")
+    spec = ctranslate2_spec(translator.model, translator.tokenizer)
     spec.validate()
     spec.optimize(quantization=quantization)
     # Written beside the target and renamed, so a failed export never leaves half a model.
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     spec.save(str(tmp))
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
 
