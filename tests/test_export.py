@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -108,6 +109,19 @@ def test_cli_export_then_translate(small_run, tmp_path):
         lines = out.read_text().split("\n")
         assert len(lines) == len(SOURCES) + 2  # one per input line, and the final newline
         assert lines[2] == "" and lines[-2] == ""
+        # jsonl carries a confidence, which needs only each hypothesis's total logprob.
+        result = runner.invoke(app, ["translate", str(source), "-r", str(run_dir), "-o",
+                                     str(out), "--engine", "ctranslate2", "-q", "-f", "jsonl"])
+        assert result.exit_code == 0, result.output
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(records) == len(SOURCES) + 1
+        assert all("confidence" in r for r in records if r["source"].strip())
+        (run_dir / "ctranslate2" / "model.bin").write_bytes(b"not a model")
+        broken = runner.invoke(app, ["translate", str(source), "-r", str(run_dir),
+                                     "--engine", "ctranslate2", "-q"])
+        assert broken.exit_code != 0
+        assert "CTranslate2 cannot load this model" in broken.output
+        assert "Traceback" not in broken.output
     finally:
         import shutil
 

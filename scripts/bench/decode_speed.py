@@ -67,8 +67,7 @@ def main() -> None:
         else:
             from traduire.export import CTranslate2Translator
 
-            compute_type = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}[precision]
-            translator = CTranslate2Translator.open(args.run_dir, compute_type=compute_type,
+            translator = CTranslate2Translator.open(args.run_dir, precision=precision,
                                                     threads=args.threads)
         first_pass, _ = decode_all(translator, lines, DecodeOptions(beam=5))
         for beam in (int(b) for b in args.beams.split(",")):

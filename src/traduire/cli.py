@@ -141,7 +141,8 @@ Checkpoint = Annotated[Path | None, typer.Option(
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 Precision = Annotated[str, typer.Option(
     help="Weights' precision for decoding: fp32, bf16, or auto (bf16 where the GPU or CPU "
-    "computes it natively, e.g. CPUs with AMX or AVX512-BF16; else fp32).")]
+    "computes it natively, e.g. CPUs with AMX or AVX512-BF16; else fp32). With --engine "
+    "ctranslate2 also int8; auto keeps the export's type.")]
 Sample = Annotated[str | None, typer.Option(
     help="Sample instead of searching: topk:K or topp:P.")]
 Seed = Annotated[int, typer.Option(help="Random seed for --sample.")]
@@ -170,13 +171,10 @@ def _load_translator(run_dir, checkpoint, device, precision, engine, engine_dir)
     if checkpoint is not None:
         raise TraduireError("--checkpoint does not apply to --engine ctranslate2: export that "
                             "checkpoint with 'traduire export --checkpoint FILE'")
-    compute_type = {"auto": "default", "fp32": "float32", "bf16": "bfloat16"}.get(precision)
-    if compute_type is None:
-        raise TraduireError(f"precision {precision!r}: expected one of auto, fp32, bf16")
     from traduire.train import resolve_device
 
     return CTranslate2Translator.open(run_dir, engine_dir, device=resolve_device(device).type,
-                                      compute_type=compute_type)
+                                      precision=precision)
 
 
 @command

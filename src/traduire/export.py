@@ -22,6 +22,8 @@ from traduire.tokenizer import Tokenizer
 from traduire.translate import DecodeOptions, Translator, parse_sampling
 
 QUANTIZATIONS = ("float32", "bfloat16", "float16", "int8", "int8_float32", "int8_bfloat16")
+# translate --precision, in CTranslate2's words: auto keeps the type the model was exported in.
+COMPUTE_TYPES = {"auto": "default", "fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
 
 
 def _ctranslate2():
@@ -147,20 +149,31 @@ class CTranslate2Translator(Translator):
         tok = self.tokenizer
         self.src_vocab = [tok.src.id_to_piece(i) for i in range(tok.src_vocab_size)]
         self.tgt_ids = {p: i for i, p in enumerate(tok.tgt_pieces(range(tok.tgt_vocab_size)))}
+        # As in traduire's search, BOS and padding are never generated.
+        self.never = [tok.tgt_pieces([i]) for i in (tok.bos_id, tok.pad_id)]
 
     @classmethod
     def open(cls, run_dir: Path, model_dir: Path | None = None, device: str = "cpu",
-             compute_type: str = "default", threads: int = 0) -> CTranslate2Translator:
+             precision: str = "auto", threads: int = 0) -> CTranslate2Translator:
+        """The exported model in `model_dir` (default RUN/ctranslate2), computing in
+        `precision` (a key of COMPUTE_TYPES)."""
         ct2 = _ctranslate2()
+        if precision not in COMPUTE_TYPES:
+            raise TraduireError(f"precision {precision!r}: expected one of "
+                                f"{', '.join(COMPUTE_TYPES)}")
         model_dir = Path(model_dir) if model_dir else Path(run_dir) / "ctranslate2"
         if not (model_dir / "model.bin").is_file():
             raise TraduireError(f"{model_dir}: no CTranslate2 model here; write one with "
                                 f"'traduire export --run-dir {run_dir}'")
         base = Translator.load(run_dir, device="cpu", precision="fp32")
-        engine = ct2.Translator(str(model_dir), device="cuda" if device == "cuda" else "cpu",
-                                compute_type=compute_type,
-                                intra_threads=threads or torch.get_num_threads())
-        return cls(base, engine, compute_type)
+        try:
+            engine = ct2.Translator(str(model_dir), device="cuda" if device == "cuda" else "cpu",
+                                    compute_type=COMPUTE_TYPES[precision],
+                                    intra_threads=threads or torch.get_num_threads())
+        except (RuntimeError, ValueError) as error:
+            raise TraduireError(f"{model_dir}: CTranslate2 cannot load this model ({error})"
+                                ) from None
+        return cls(base, engine, COMPUTE_TYPES[precision])
 
     def translate_ids(self, src_ids: list[list[int]], options: DecodeOptions,
                       generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
@@ -176,11 +189,9 @@ class CTranslate2Translator(Translator):
             _ctranslate2().set_random_seed(options.seed)
             search = dict(beam_size=1, sampling_topk=top_k or 0, sampling_topp=top_p or 1.0,
                           sampling_temperature=options.temperature)
-        # As in traduire's search, BOS and padding are never generated.
-        never = [[tok.tgt_pieces([i])[0]] for i in (tok.bos_id, tok.pad_id)]
         results = self.engine.translate_batch(pieces, max_decoding_length=limit + 1,
                                               return_scores=True, return_end_token=False,
-                                              suppress_sequences=never, **search)
+                                              suppress_sequences=self.never, **search)
         out = []
         for result in results:
             hyps = []

@@ -329,7 +329,9 @@ def confidence(translator: Translator, src_ids: list[list[int]], best: list[Hypo
         spans = group_pieces(pieces)
         coverage = [float(per_piece[span].sum()) for span in spans]
         low = sum(c < threshold for c in coverage) / max(len(coverage), 1)
-        out.append({"mean_logprob": round(sum(hyp.token_logprobs) / len(hyp.token_logprobs), 6),
+        # logprob / (tokens + EOS): per-token log-probabilities need not be known (an engine
+        # such as CTranslate2 reports only the total).
+        out.append({"mean_logprob": round(hyp.logprob / (len(hyp.tokens) + 1), 6),
                     "low_attention_share": round(low, 6)})
     return out
 

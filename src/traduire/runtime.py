@@ -1,6 +1,8 @@
-"""Process-wide settings that make PyTorch fast on CPUs, applied once when traduire is imported.
+"""Process-wide settings that make PyTorch fast on CPUs, applied once when traduire is imported
+(`apply`), and the hardware probe behind `precision: auto` (`native_bf16`).
 
-Both are about memory and kernels, never about results: numbers are identical with or without.
+The settings are about memory and kernels, never about results: numbers are identical with or
+without them.
 """
 
 from __future__ import annotations
