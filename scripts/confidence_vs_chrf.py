@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
-    from traduire.evaluate import check_aligned, read_text, sentence_chrf
+    from traduire.evaluate import check_aligned, sentence_chrf
+    from traduire.files import read_text_lines as read_text
     from traduire.translate import DecodeOptions, Translator
 
     sources, references = read_text(args.src), read_text(args.ref)

@@ -47,8 +47,10 @@ def write_corpus(directory: Path, n_train: int = 200, n_valid: int = 20, seed: i
 TINY_SETTINGS = {
     "tokenizer": {"vocab_size": 40},
     "model": {"layers": 1, "d_model": 32, "heads": 2, "ffn_dim": 64, "max_positions": 64},
+    # fp32: the same numbers on every CPU (precision auto would be bf16 on some).
     "train": {"batch_tokens": 256, "max_steps": 20, "warmup_steps": 10, "save_every": 10,
-              "valid_every": 10, "log_every": 5, "lr": 0.003, "progress": False},
+              "valid_every": 10, "log_every": 5, "lr": 0.003, "progress": False,
+              "precision": "fp32"},
 }
 
 
@@ -124,3 +126,20 @@ def small_run(tmp_path_factory) -> tuple[Path, Path]:
     write_config(config_path, small_settings(write_corpus(root / "data")))
     run(load_config(config_path), run_dir)
     return config_path, run_dir
+
+
+@pytest.fixture(scope="session")
+def inspect_run(tmp_path_factory) -> Path:
+    """A run trained for 10 steps (2 layers, d_model 32): enough to exercise every path of
+    analysis and report. Tests must not change it."""
+    from traduire.config import config_from_dict
+    from traduire.pipeline import run
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("inspect")
+    settings = tiny_settings(write_corpus(root / "data"), model={"layers": 2},
+                             train={"max_steps": 10, "save_every": 10, "valid_every": 10})
+    run(config_from_dict(settings), root / "run")
+    torch.set_num_threads(before)
+    return root / "run"

@@ -1,4 +1,4 @@
-"""Tests for traduire.checkpoint: safe loading, atomic writes, pruning and averaging."""
+"""Tests for traduire.checkpoint: safe loading, atomic saves, pruning and averaging."""
 
 from __future__ import annotations
 
@@ -9,15 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from traduire import checkpoint
+from traduire import files
 from traduire.checkpoint import (
     FORMAT_VERSION,
-    atomic_directory,
-    atomic_write_bytes,
-    atomic_write_text,
     average_checkpoints,
     load_checkpoint,
-    move_aside,
     prune_checkpoints,
     save_checkpoint,
     step_checkpoints,
@@ -117,50 +113,13 @@ def test_failed_write_leaves_previous_file(tmp_path, monkeypatch):
     def failing_replace(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.os, "replace", failing_replace)
+    monkeypatch.setattr(files.os, "replace", failing_replace)
     with pytest.raises(OSError):
         save_checkpoint(path, sample_state(seed=2))
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert torch.equal(load_checkpoint(path)["model"]["w"], sample_state(seed=1)["model"]["w"])
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the temporary file is gone
-
-
-def test_failed_fsync_mid_write_leaves_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "notes.txt"
-    atomic_write_text(path, "old")
-
-    def failing_fsync(fd):
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(checkpoint.os, "fsync", failing_fsync)
-    with pytest.raises(OSError):
-        atomic_write_bytes(path, b"new and longer")
-    monkeypatch.undo()
-    assert path.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]
-
-
-def test_atomic_write_replaces(tmp_path):
-    path = tmp_path / "sub" / "file.txt"
-    atomic_write_text(path, "one")
-    atomic_write_text(path, "two")
-    assert path.read_text(encoding="utf-8") == "two"
-
-
-def test_atomic_directory(tmp_path):
-    target = tmp_path / "out"
-    with atomic_directory(target) as tmp:
-        (tmp / "a.txt").write_text("1")
-        assert not target.exists()
-    assert (target / "a.txt").read_text() == "1"
-    # A failure inside the block leaves the previous directory and no temporary one.
-    with pytest.raises(RuntimeError):
-        with atomic_directory(target) as tmp:
-            (tmp / "b.txt").write_text("2")
-            raise RuntimeError("boom")
-    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_step_checkpoints_sorted_numerically_and_prune_keeps_last(tmp_path):
@@ -203,31 +162,3 @@ def test_average_refuses_different_parameters_and_empty_list(tmp_path):
         average_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"])
     with pytest.raises(CheckpointError):
         average_checkpoints([])
-
-
-def test_move_aside(tmp_path):
-    run_dir = tmp_path / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "step_1.pt").write_text("c")
-    (run_dir / "metrics.jsonl").write_text("m")
-    target = move_aside([run_dir / "checkpoints", run_dir / "metrics.jsonl",
-                         run_dir / "best.pt"], run_dir)
-    assert target is not None and target.parent == run_dir / "old"
-    assert (target / "checkpoints" / "step_1.pt").read_text() == "c"
-    assert (target / "metrics.jsonl").read_text() == "m"
-    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
-    assert move_aside([run_dir / "nothing"], run_dir) is None
-
-
-def test_move_aside_twice_in_one_second_keeps_both(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint.time, "strftime", lambda fmt: "20250101-000000")
-    run_dir = tmp_path / "run"
-    targets = []
-    for attempt in ("first", "second"):
-        (run_dir / "checkpoints").mkdir(parents=True)
-        (run_dir / "checkpoints" / f"step_{len(targets)}.pt").write_text(attempt)
-        (run_dir / "best.pt").write_text(attempt)
-        targets.append(move_aside([run_dir / "best.pt", run_dir / "checkpoints"], run_dir))
-    assert targets[0] != targets[1]
-    assert (targets[0] / "best.pt").read_text() == "first"
-    assert (targets[1] / "best.pt").read_text() == "second"

@@ -145,9 +145,9 @@ def test_trainer_fp16_grad_scaler_steps_are_finite(tmp_path: Path):
     import datasets
     import numpy as np
 
+    from traduire.batch import EncodedCorpus
     from traduire.config import load_config
-    from traduire.data import EncodedCorpus
-    from traduire.train import Trainer
+    from traduire.training import Trainer
 
     vocab = 200
     rng = np.random.default_rng(0)

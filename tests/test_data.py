@@ -1,24 +1,14 @@
-"""Tests for traduire.data: loading aligned corpora, cleaning, and token-budgeted batching."""
+"""Tests for traduire.data: loading aligned corpora and cleaning them."""
 
 from __future__ import annotations
 
 import json
 
 import datasets
-import numpy as np
 import pytest
-import torch
 
 from traduire.config import DataConfig
-from traduire.data import (
-    EncodedCorpus,
-    clean,
-    collate,
-    load_corpus,
-    pad_sequences,
-    split_batch,
-    token_batches,
-)
+from traduire.data import clean, load_corpus
 from traduire.errors import DataError
 
 # --- loading -----------------------------------------------------------------------------------
@@ -232,97 +222,3 @@ def test_clean_of_the_toy_corpus_counts_duplicates(corpus_dir, tmp_path):
     assert len(kept) == len(set(pairs))
     assert dropped == ({"duplicate": len(pairs) - len(set(pairs))}
                        if len(set(pairs)) < len(pairs) else {})
-
-
-# --- batching ----------------------------------------------------------------------------------
-
-
-def random_lengths(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return rng.integers(1, 30, n), rng.integers(1, 30, n)
-
-
-def test_token_batches_cover_usable_indices_once_within_budget():
-    src, tgt = random_lengths(300, seed=1)
-    src[7] = 120  # longer than the budget allows two of
-    candidates = np.flatnonzero(np.arange(300) % 7 != 3)  # some pairs are not usable
-    batches = token_batches(src, tgt, candidates, batch_tokens=200, seed=3, epoch=0)
-    flat = np.concatenate(batches)
-    assert sorted(flat.tolist()) == candidates.tolist()
-    assert len(flat) == len(set(flat.tolist()))
-    for batch in batches:
-        assert len(batch) > 0
-        padded = max(src[batch].max(), tgt[batch].max()) * len(batch)
-        assert padded <= 200 or len(batch) == 1
-    assert any(len(b) == 1 and b[0] == 7 for b in batches)
-    # Batches are filled, not one sentence each.
-    assert len(batches) < len(candidates) / 3
-
-
-def test_token_batches_oversized_sentence_alone():
-    src, tgt = np.array([3, 500, 4, 2]), np.array([3, 2, 600, 2])
-    batches = token_batches(src, tgt, np.arange(4), batch_tokens=50, seed=0, epoch=0)
-    singles = {int(b[0]) for b in batches if len(b) == 1}
-    assert {1, 2} <= singles
-    assert sorted(np.concatenate(batches).tolist()) == [0, 1, 2, 3]
-
-
-def test_token_batches_group_similar_lengths():
-    lengths = np.array([2] * 50 + [20] * 50)
-    batches = token_batches(lengths, lengths, np.arange(100), batch_tokens=100, seed=0,
-                            epoch=0)
-    for batch in batches:
-        assert len(set(lengths[batch].tolist())) == 1  # no short sentence padded to 20
-
-
-def test_token_batches_deterministic_per_seed_and_epoch():
-    src, tgt = random_lengths(200, seed=2)
-    candidates = np.arange(200)
-
-    def as_lists(seed, epoch):
-        return [b.tolist() for b in token_batches(src, tgt, candidates, 150, seed, epoch)]
-
-    assert as_lists(1, 0) == as_lists(1, 0)
-    assert as_lists(1, 0) != as_lists(1, 1)
-    assert as_lists(1, 0) != as_lists(2, 0)
-    # A new epoch reshuffles the batch order and the tie-breaking within equal lengths.
-    assert {tuple(b) for b in as_lists(1, 0)} != {tuple(b) for b in as_lists(1, 1)}
-
-
-def test_token_batches_empty_candidates():
-    src, tgt = random_lengths(10, seed=3)
-    assert token_batches(src, tgt, np.array([], dtype=np.int64), 100, 0, 0) == []
-
-
-@pytest.mark.parametrize("size, parts", [(10, 3), (4, 4), (2, 4), (7, 1)])
-def test_split_batch_covers_the_batch(size, parts):
-    batch = np.arange(100, 100 + size)
-    pieces = split_batch(batch, parts)
-    assert len(pieces) == parts
-    assert np.concatenate(pieces).tolist() == batch.tolist()
-    counts = [len(p) for p in pieces]
-    assert max(counts) - min(counts) <= 1
-
-
-def test_collate_adds_specials_and_padding():
-    batch = collate([[5, 6, 7], [8]], [[9], [10, 11]], pad=0, bos=2, eos=3)
-    assert batch.src.tolist() == [[5, 6, 7, 3], [8, 3, 0, 0]]
-    assert batch.tgt_in.tolist() == [[2, 9, 0], [2, 10, 11]]
-    assert batch.tgt_out.tolist() == [[9, 3, 0], [10, 11, 3]]
-    assert batch.num_tgt_tokens == 5 and batch.num_src_tokens == 6
-    assert batch.src.dtype == torch.long
-    assert pad_sequences([], 0).shape == (0, 0)
-
-
-def test_encoded_corpus_lengths_and_max_len():
-    ds = datasets.Dataset.from_dict({
-        "src_ids": [[5, 6], [5, 6, 7, 8], [5]], "tgt_ids": [[9], [9], [9, 10, 11]],
-        "src_len": [2, 4, 1], "tgt_len": [1, 1, 3]})
-    corpus = EncodedCorpus(ds, max_len=4)
-    assert corpus.src_lens.tolist() == [3, 5, 2]  # + EOS
-    assert corpus.tgt_lens.tolist() == [2, 2, 4]
-    assert corpus.usable.tolist() == [0, 2]
-    assert len(corpus) == 2
-    src, tgt = corpus.pairs(np.array([2, 0]))
-    assert src == [[5], [5, 6]] and tgt == [[9, 10, 11], [9]]
-    assert len(EncodedCorpus(ds)) == 3

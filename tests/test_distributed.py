@@ -96,16 +96,16 @@ def test_an_error_on_one_rank_ends_the_whole_job_quickly(tmp_path, corpus_dir):
     script = tmp_path / "fail_on_rank1.py"
     script.write_text(textwrap.dedent("""
         import os, sys
-        from traduire import cli, train
+        from traduire import cli, training
 
-        original = train.Trainer._train_step
+        original = training.Trainer._train_step
 
-        def failing_step(self, batch):
+        def failing_step(self, *args):
             if self.dist.rank == 1 and self.state.step == 2:
                 raise RuntimeError("injected failure on rank 1")
-            return original(self, batch)
+            return original(self, *args)
 
-        train.Trainer._train_step = failing_step
+        training.Trainer._train_step = failing_step
         sys.argv = ["traduire", *sys.argv[1:]]
         cli.main()
     """))

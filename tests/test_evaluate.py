@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from traduire.cli import app
 from traduire.errors import DataError
-from traduire.evaluate import read_text, score
+from traduire.evaluate import score
+from traduire.files import read_text_lines as read_text
 
 HYPOTHESES = ["Un homme fait du vélo dans la rue.", "Deux chiens jouent dans la neige.",
               "Une femme lit un livre sur un banc.", "Des enfants courent sur la plage !"]

@@ -14,8 +14,8 @@ from traduire.translate import DecodeOptions, Translator
 
 ctranslate2 = pytest.importorskip("ctranslate2")
 
+from traduire.analysis import score_ids  # noqa: E402
 from traduire.export import CTranslate2Translator, export_ctranslate2  # noqa: E402
-from traduire.inspect_model import score_ids  # noqa: E402
 from traduire.model import Transformer  # noqa: E402
 
 SOURCES = ["the dog runs", "a man in a red shirt sits on a bench", "", "two children",
@@ -52,7 +52,7 @@ def test_exported_model_scores_like_the_original(base, tmp_path, norm, activatio
     gen = torch.Generator().manual_seed(1)
     tgt_ids = [torch.randint(4, tok.tgt_vocab_size, (n,), generator=gen).tolist()
                for n in (3, 9, 1, 6, 12)]
-    ours = score_ids(translator, src_ids, tgt_ids)
+    ours = score_ids(translator.model, translator.tokenizer, src_ids, tgt_ids)
     theirs = engine.score_batch([tok.tgt_pieces(ids) for ids in src_ids],
                                 [tok.tgt_pieces(ids) for ids in tgt_ids])
     for mine, other in zip(ours, theirs, strict=True):

@@ -213,3 +213,90 @@ def test_empty_training_corpus_after_cleaning(tiny_config_path, corpus_dir, tmp_
         (corpus_dir / name).write_text("\n\n\n", encoding="utf-8")
     with pytest.raises(TraduireError, match="empty after cleaning"):
         run(load_config(tiny_config_path, SHORT), tmp_path / "run")
+
+
+# --- a run directory is traduire's or it is refused ------------------------------------------
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def cli_train(config: Path, run_dir: Path, cwd: Path | None = None):
+    import os
+
+    from typer.testing import CliRunner
+
+    from traduire.cli import app
+
+    before = Path.cwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        return CliRunner().invoke(app, ["train", "-c", str(config), "-r", str(run_dir)])
+    finally:
+        os.chdir(before)
+
+
+def test_a_folder_holding_a_users_data_is_refused_and_left_untouched(tmp_path, corpus_dir,
+                                                                    tiny_config_path):
+    """The data-loss case: a --run-dir that holds a folder named data/ (here the project
+    folder itself, '.') was once replaced by the cleaned corpus."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "notes.txt").write_text("mine", encoding="utf-8")
+    (project / "config.yaml").write_text("not traduire's\n", encoding="utf-8")
+    before = snapshot(project)
+    result = cli_train(tiny_config_path, Path("."), cwd=project)
+    assert result.exit_code == 1
+    assert "not a traduire run directory (it holds config.yaml, data/)" in result.output
+    assert "Traceback" not in result.output
+    assert snapshot(project) == before and sorted(p.name for p in project.iterdir()) == [
+        "config.yaml", "data"]
+
+
+def test_the_data_folder_itself_is_refused_as_a_run_directory(corpus_dir, tiny_config_path):
+    before = snapshot(corpus_dir)
+    result = cli_train(tiny_config_path, corpus_dir)
+    assert result.exit_code == 1
+    assert f"{corpus_dir}: not a traduire run directory (it holds train.en" in result.output
+    assert snapshot(corpus_dir) == before
+    assert sorted(p.name for p in corpus_dir.iterdir()) == sorted(
+        ["train.en", "train.fr", "val.en", "val.fr"])
+
+
+def test_prepare_refuses_too_and_a_file_is_no_run_directory(tmp_path, tiny_config_path):
+    from traduire.pipeline import prepare
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x.txt").write_text("x")
+    with pytest.raises(TraduireError, match="not a traduire run directory"):
+        prepare(tiny_config_path, tmp_path / "busy")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(TraduireError, match="is not a directory"):
+        prepare(tiny_config_path, tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_an_empty_or_new_directory_becomes_a_run(tmp_path, tiny_config_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run(load_config(tiny_config_path, ["train.max_steps=2"]), empty)
+    assert (empty / "run.json").is_file()
+    # Once it holds a run, the user's own files beside it are left alone by later runs.
+    (empty / "my-notes.txt").write_text("keep")
+    run(load_config(tiny_config_path, ["train.max_steps=4"]), empty)
+    assert (empty / "my-notes.txt").read_text() == "keep"
+
+
+def test_stage_outputs_without_a_record_are_moved_aside_not_deleted(first_run,
+                                                                    tiny_config_path):
+    """A stage that must run again (its record is gone) never deletes the folder it
+    replaces: it moves it to old/."""
+    (first_run / "stages" / "data.json").unlink()
+    (first_run / "data" / "mine.txt").write_text("a file someone put there")
+    run(load_config(tiny_config_path, ["train.max_steps=10"]), first_run)
+    kept = list((first_run / "old").glob("*/data/mine.txt"))
+    assert len(kept) == 1 and kept[0].read_text() == "a file someone put there"
+    assert not (first_run / "data" / "mine.txt").exists()

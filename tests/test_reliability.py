@@ -25,11 +25,11 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import write_config
-from traduire import checkpoint
+from traduire import files
 from traduire.checkpoint import load_checkpoint, step_checkpoints
 from traduire.cli import app
 from traduire.config import load_config
-from traduire.train import Trainer
+from traduire.training import Trainer
 
 runner = CliRunner()
 
@@ -203,7 +203,7 @@ class FullDisk:
 
 def fill_disk_for_checkpoints(monkeypatch) -> None:
     """Make atomic_write_bytes' write fail with ENOSPC, for step_*.pt files only."""
-    real_mkstemp, real_fdopen = checkpoint.tempfile.mkstemp, checkpoint.os.fdopen
+    real_mkstemp, real_fdopen = files.tempfile.mkstemp, files.os.fdopen
     names: dict[int, str] = {}
 
     def mkstemp(*args, **kwargs):
@@ -215,8 +215,8 @@ def fill_disk_for_checkpoints(monkeypatch) -> None:
         file = real_fdopen(fd, *args, **kwargs)
         return FullDisk(file) if names.get(fd, "").startswith(".step_") else file
 
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp)
-    monkeypatch.setattr(checkpoint.os, "fdopen", fdopen)
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(files.os, "fdopen", fdopen)
 
 
 def test_disk_full_during_checkpoint_keeps_the_previous_one(run_copy, monkeypatch):

@@ -10,7 +10,7 @@ import torch
 
 from traduire import search
 from traduire.model import DecoderCache, Transformer, TransformerShape
-from traduire.search import Hypothesis, beam_search, greedy, length_penalty, sample, top_per_row
+from traduire.search import Hypothesis, beam_search, greedy, length_penalty, sample
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIAL = dict(bos=BOS, eos=EOS, pad=PAD)
@@ -271,20 +271,6 @@ def test_one_token_per_step_and_the_batch_shrinks() -> None:
     rows = [r for r, _ in shapes]
     assert rows[0] == 3 * 4 and all(r % 4 == 0 for r in rows)
     assert rows == sorted(rows, reverse=True) and rows[-1] < rows[0]
-
-
-@pytest.mark.parametrize(("rows", "vocab", "k"), [(7, 8000, 10), (3, 1001, 4), (2, 700, 1)])
-def test_top_per_row_equals_topk(rows: int, vocab: int, k: int) -> None:
-    gen = torch.Generator().manual_seed(vocab)
-    scores = torch.randn(rows, vocab, generator=gen) * 4
-    scores[0, 5:] = float("-inf")  # a row with fewer finite entries than k + blocks
-    scores[-1, ::3] = float("-inf")
-    values, index = top_per_row(scores, k)
-    expected = scores.topk(k, dim=1)
-    torch.testing.assert_close(values, expected.values)
-    torch.testing.assert_close(scores.gather(1, index), expected.values)
-    finite = expected.values.isfinite()
-    assert torch.equal(index[finite], expected.indices[finite])
 
 
 def test_blockwise_top_k_changes_no_translation(monkeypatch) -> None:

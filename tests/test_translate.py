@@ -3,32 +3,35 @@ through the CLI in test_evaluate, test_bad_input and test_fuzz)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from traduire import translate
+from traduire import device
+from traduire.analysis import score_ids
 from traduire.cli import app
+from traduire.device import decoding_precision
 from traduire.errors import TraduireError
-from traduire.inspect_model import score_ids
-from traduire.translate import DecodeOptions, Translator, decode_dtype
+from traduire.search import Hypothesis
+from traduire.translate import DecodeOptions, Translation, Translator, format_probabilities
 
 CPU = torch.device("cpu")
 SOURCES = ["the dog runs", "a man in a red shirt", "", "two children play in the water"]
 
 
 def test_explicit_precisions() -> None:
-    assert decode_dtype("fp32", CPU) is torch.float32
-    assert decode_dtype("bf16", CPU) is torch.bfloat16
+    assert decoding_precision("fp32", CPU) == "fp32"
+    assert decoding_precision("bf16", CPU) == "bf16"
     with pytest.raises(TraduireError, match="expected one of auto, fp32, bf16"):
-        decode_dtype("fp16", CPU)
+        decoding_precision("fp16", CPU)
 
 
-@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16),
-                                                  (False, torch.float32)])
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
 def test_auto_uses_bf16_only_where_the_cpu_has_it(monkeypatch, native, expected) -> None:
-    monkeypatch.setattr(translate, "native_bf16", lambda device: native)
-    assert decode_dtype("auto", CPU) is expected
+    monkeypatch.setattr(device, "native_bf16", lambda device: native)
+    assert decoding_precision("auto", CPU) == expected
 
 
 def test_bf16_scores_are_the_fp32_model_scores_within_rounding(small_run) -> None:
@@ -42,7 +45,8 @@ def test_bf16_scores_are_the_fp32_model_scores_within_rounding(small_run) -> Non
     assert len(results) == len(SOURCES)
     pairs = [(ids, r.hypotheses[0]) for ids, r in zip(bf16.encode(SOURCES)[0], results)
              if r.hypotheses]
-    rescored = score_ids(fp32, [ids for ids, _ in pairs], [h.tokens for _, h in pairs])
+    rescored = score_ids(fp32.model, fp32.tokenizer, [ids for ids, _ in pairs],
+                         [h.tokens for _, h in pairs])
     for (_, hyp), logprobs in zip(pairs, rescored):
         assert sum(logprobs) == pytest.approx(hyp.logprob, abs=0.05 * len(logprobs))
 
@@ -58,3 +62,18 @@ def test_cli_precision(small_run, tmp_path) -> None:
     result = CliRunner().invoke(app, [*args, "--precision", "half"])
     assert result.exit_code != 0
     assert "precision 'half': expected one of auto, fp32, bf16" in result.output
+
+
+def test_probability_table_reads_like_a_textbook():
+    def hyp(p: float) -> Hypothesis:
+        return Hypothesis([5], math.log(p), math.log(p), [math.log(p)])
+
+    result = Translation("I am a good dog.", [hyp(0.42), hyp(0.031), hyp(0.0001), hyp(1.0)],
+                         ["Je suis un bon chien.", "Je suis un chien sage.", "Chien.", "Oui."])
+    assert format_probabilities(result).splitlines() == [
+        "  I am a good dog.",
+        "   42.0%  Je suis un bon chien.",
+        "    3.1%  Je suis un chien sage.",
+        "1.0e-02%  Chien.",
+        "  100.0%  Oui.",
+    ]

@@ -20,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, machine, peak_rss_mib  # noqa: E402
+from traduire.train import Trainer  # noqa: E402
 
 from traduire.config import load_config, replace  # noqa: E402
 from traduire.data import EncodedCorpus  # noqa: E402
 from traduire.pipeline import prepare_data, prepare_tokenizer  # noqa: E402
 from traduire.tokenizer import Tokenizer  # noqa: E402
-from traduire.train import Trainer  # noqa: E402
 
 
 def main() -> None:

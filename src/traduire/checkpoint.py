@@ -1,106 +1,69 @@
-"""Everything that writes or reads the files a run depends on.
+"""Checkpoints: the training state written to disk, read back safely, found on resume,
+pruned and averaged.
 
-Writes are atomic: the bytes go to a temporary file in the same directory, are fsynced, and are
-renamed over the target, so a crash or a full disk leaves either the old file or the new one,
-never a torn one. Checkpoints are read with `weights_only=True`: a checkpoint is data, and
-loading one can never run code.
+A checkpoint is written atomically (files.atomic_write_bytes: a crash or a full disk leaves the
+previous one intact) and read with `weights_only=True`: a checkpoint is data, and loading one
+can never run code. It holds the model, the optimizer, the loss scaler, the `TrainState`, the
+random state of every rank, the config and the world size it was written at.
 """
 
 from __future__ import annotations
 
 import io
-import os
+import math
 import re
-import shutil
-import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from traduire.errors import CheckpointError
+from traduire.files import atomic_write_bytes
 
 FORMAT_VERSION = 1
 CHECKPOINT_PATTERN = re.compile(r"step_(\d+)\.pt")
 
 
-# --- Atomic files ------------------------------------------------------------------------------
+# --- Training state ----------------------------------------------------------------------------
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        _remove_quietly(Path(tmp))
-        if isinstance(e, OSError) and e.filename is None:  # name the file: "disk full" where?
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-        raise
-    _fsync_directory(path.parent)
+@dataclass
+class TrainState:
+    """Where training is: with the weights, the optimizer and the random states, enough to
+    continue exactly where it stopped."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of the current epoch already trained on
+    elapsed: float = 0.0  # seconds of training, summed over all runs
+    best_valid_loss: float = math.inf
+    best_valid_bleu: float = -1.0
+    validations_without_improvement: int = 0
+    skipped_steps: int = 0  # steps skipped for a non-finite loss
+    bad_steps_in_a_row: int = 0
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's random state: torch's CPU generator and, on a GPU, the device's."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-@contextmanager
-def atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it is renamed to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_directory(path.parent)
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def _fsync_directory(directory: Path) -> None:
-    # The rename itself must reach the disk, or a power cut can undo it.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
-
-
-def move_aside(paths: list[Path], run_dir: Path) -> Path | None:
-    """Move existing outputs into run_dir/old/<timestamp>/ instead of deleting them."""
-    existing = [p for p in paths if p.exists()]
-    if not existing:
-        return None
-    (run_dir / "old").mkdir(parents=True, exist_ok=True)
-    # A fresh directory each time, even twice in one second: nothing moved aside is replaced.
-    target = Path(tempfile.mkdtemp(dir=run_dir / "old", prefix=time.strftime("%Y%m%d-%H%M%S-")))
-    for p in existing:
-        os.replace(p, target / p.name)
-    return target
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A seed for rank `rank`'s own random stream, derived from train.seed (and, for a resume
+    at another world size, the step), so that ranks never draw the same dropout masks."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
 # --- Checkpoints -------------------------------------------------------------------------------
@@ -161,6 +124,31 @@ def _why_unreadable(path: Path, error: Exception) -> str:
     return message[:200]
 
 
+def load_latest(directory: Path, map_location: str | torch.device,
+                warn: Callable[[str], None]) -> dict[str, Any] | None:
+    """The newest readable periodic checkpoint in `directory` (None if there is none). A
+    damaged one is reported through `warn` and the one before it used; if none of several can
+    be read it is an error, since starting over silently would throw away a whole run."""
+    found = step_checkpoints(directory)
+    for path in reversed(found):
+        try:
+            return load_checkpoint(path, map_location=map_location)
+        except CheckpointError as e:
+            warn(f"{e}; falling back to an earlier checkpoint")
+    if found:
+        raise CheckpointError(
+            f"none of the {len(found)} checkpoints in {directory} can be read; move them aside "
+            "to start again, or train with --overwrite")
+    return None
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Temporary files of saves that were killed half-way."""
+    for leftover in [*(run_dir / "checkpoints").glob(".step_*.pt.*.tmp"),
+                     *run_dir.glob(".best.pt.*.tmp")]:
+        leftover.unlink(missing_ok=True)
+
+
 def step_checkpoints(directory: Path) -> list[Path]:
     """Periodic checkpoints step_N.pt in the directory, oldest first."""
     found = [(int(m.group(1)), p) for p in Path(directory).glob("step_*.pt")
@@ -170,7 +158,7 @@ def step_checkpoints(directory: Path) -> list[Path]:
 
 def prune_checkpoints(directory: Path, keep_last: int) -> None:
     for old in step_checkpoints(directory)[:-keep_last]:
-        _remove_quietly(old)
+        old.unlink(missing_ok=True)
 
 
 def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
@@ -191,3 +179,15 @@ def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
         first.pop(key, None)  # an average is for translating, not for resuming
     first["averaged_from"] = [str(p) for p in paths]
     return first
+
+
+def average_last(directory: Path, last: int, output: Path) -> list[Path]:
+    """Write the average of the newest `last` periodic checkpoints to `output`; returns the
+    checkpoints averaged."""
+    paths = step_checkpoints(directory)[-last:] if last > 0 else []
+    if not paths:
+        raise CheckpointError(f"{directory}: no checkpoints to average")
+    state = average_checkpoints(paths)
+    state.pop("format_version", None)
+    save_checkpoint(output, state)
+    return paths

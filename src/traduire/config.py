@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -111,7 +112,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     clip_norm: float = 0.0  # 0 disables gradient clipping
     # Autocast dtype (fp16 adds loss scaling); auto = bf16 where the hardware has it natively.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the model (helps on GPU; rarely on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
@@ -250,9 +251,11 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
     if hint is float and isinstance(value, str):
         # YAML 1.1 reads 1e-3 (no dot) as a string; everyone means the number.
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{origin}: '{key}' must be a finite number; got {value!r}")
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. a Bible version "4" written without quotes
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

@@ -1,5 +1,4 @@
-"""Parallel data: loading a corpus with Hugging Face `datasets`, cleaning it, and turning encoded
-sentence pairs into padded, token-budgeted batches.
+"""Parallel data: loading a corpus with Hugging Face `datasets` and cleaning it.
 
 Corpus sources:
   files  aligned plain text (<dir>/<prefix>.<src_lang> + .<tgt_lang>), TSV or JSONL
@@ -10,19 +9,14 @@ Corpus sources:
 from __future__ import annotations
 
 import itertools
-import logging
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import numpy as np
-import torch
 
 from traduire.config import DataConfig
 from traduire.errors import DataError
-
-log = logging.getLogger(__name__)
+from traduire.files import read_lines
 
 datasets.logging.set_verbosity_error()
 datasets.disable_progress_bars()
@@ -70,10 +64,9 @@ def _load_aligned_text(src_path: Path, tgt_path: Path, skip_invalid: bool, cache
                        ) -> datasets.Dataset:
     """Two aligned text files as one dataset, in a single streaming pass.
 
-    Lines end at '\n' only ('\r\n' is accepted; a lone '\r' or a Unicode line separator is
-    part of the sentence), the way `wc -l` and most corpus tools count them. A line that is
-    not UTF-8 is an error naming file, line and byte offset, or, with `skip_invalid`, a pair
-    marked `invalid` for clean() to drop and count.
+    Lines are read by files.read_lines. A line that is not UTF-8 is an error naming file,
+    line and byte offset, or, with `skip_invalid`, a pair marked `invalid` for clean() to
+    drop and count.
     """
     for path in (src_path, tgt_path):
         _require_file(path)
@@ -95,26 +88,26 @@ def _load_aligned_text(src_path: Path, tgt_path: Path, skip_invalid: bool, cache
 
 def _aligned_pairs(src: tuple[str, int, int], tgt: tuple[str, int, int], skip_invalid: bool):
     paths = (src[0], tgt[0])
-    offsets = [0, 0]
+    invalid_at = [0, 0]  # per side, the number of the last line that was not UTF-8
+
+    def on_invalid(side: int):
+        def note(number: int, offset: int) -> None:
+            if not skip_invalid:
+                raise DataError(f"{paths[side]}:{number}: invalid UTF-8 at byte {offset} (set "
+                                "data.skip_invalid_utf8=true to skip such lines)")
+            invalid_at[side] = number
+        return note
+
     with open(paths[0], "rb") as src_file, open(paths[1], "rb") as tgt_file:
-        for number, raw_pair in enumerate(itertools.zip_longest(src_file, tgt_file), 1):
-            if None in raw_pair:
+        sides = (read_lines(src_file, on_invalid(0)), read_lines(tgt_file, on_invalid(1)))
+        for number, (src_text, tgt_text) in enumerate(itertools.zip_longest(*sides), 1):
+            if src_text is None or tgt_text is None:
                 counts = [sum(1 for _ in open(path, "rb")) for path in paths]
                 raise DataError(f"{paths[0]} has {counts[0]} lines but {paths[1]} has "
                                 f"{counts[1]}; aligned files need equal line counts")
-            texts = []
-            for side, raw in enumerate(raw_pair):
-                try:
-                    texts.append(raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    if not skip_invalid:
-                        raise DataError(
-                            f"{paths[side]}:{number}: invalid UTF-8 at byte "
-                            f"{offsets[side] + e.start} (set data.skip_invalid_utf8=true to "
-                            "skip such lines)") from None
-                    texts.append(None)
-                offsets[side] += len(raw)
-            yield {"src": texts[0] or "", "tgt": texts[1] or "", "invalid": None in texts}
+            invalid = number in invalid_at
+            yield {"src": "" if invalid_at[0] == number else src_text,
+                   "tgt": "" if invalid_at[1] == number else tgt_text, "invalid": invalid}
 
 
 def _load_hub(cfg: DataConfig, split: str, cache_dir: Path) -> datasets.Dataset:
@@ -206,99 +199,3 @@ def clean(pairs: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.Dataset, d
     dropped = Counter(r for r in judged["drop"] if r)
     kept = judged.filter(lambda drop: [not r for r in drop], input_columns="drop", batched=True)
     return kept.select_columns(["src", "tgt"]), dict(dropped)
-
-
-# --- Batching ----------------------------------------------------------------------------------
-
-
-class EncodedCorpus:
-    """Encoded sentence pairs (columns src_ids, tgt_ids) and their lengths with specials, as
-    the batcher and the trainer see them."""
-
-    def __init__(self, dataset: datasets.Dataset, max_len: int | None = None) -> None:
-        table = dataset.data
-        # +1: the EOS appended to the source and to the target (or BOS prepended to its input).
-        self.src_lens = np.asarray(table.column("src_len").to_numpy()) + 1
-        self.tgt_lens = np.asarray(table.column("tgt_len").to_numpy()) + 1
-        self.full = dataset
-        self.dataset = dataset.select_columns(["src_ids", "tgt_ids"])
-        self.usable = np.arange(len(dataset))
-        if max_len is not None:
-            self.usable = np.flatnonzero((self.src_lens <= max_len) & (self.tgt_lens <= max_len))
-
-    def __len__(self) -> int:
-        return len(self.usable)
-
-    def pairs(self, indices: np.ndarray) -> tuple[list[list[int]], list[list[int]]]:
-        rows = self.dataset[indices.tolist()]
-        return rows["src_ids"], rows["tgt_ids"]
-
-    def texts(self, indices: np.ndarray, column: str) -> list[str]:
-        """The original text ("src" or "tgt") of some pairs."""
-        return self.full.select_columns([column])[indices.tolist()][column]
-
-
-def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, candidates: np.ndarray,
-                  batch_tokens: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """One epoch's batches of sentence indices, in the order they will be trained on.
-
-    Sentences are sorted by length (ties broken at random) so each batch holds similar lengths
-    and little padding; batches are then filled up to `batch_tokens` padded tokens (the longer
-    side counts) and shuffled. The order depends only on (seed, epoch), so a resumed or
-    differently sharded run sees exactly the same batches.
-    """
-    rng = np.random.default_rng([seed, epoch])
-    tie_break = rng.permutation(len(candidates))
-    order = candidates[np.lexsort((tie_break, src_lens[candidates], tgt_lens[candidates]))]
-    sizes = np.maximum(src_lens[order], tgt_lens[order])
-    batches, start, longest = [], 0, 0
-    for i, size in enumerate(sizes):
-        longest_with_i = max(longest, size)
-        if i > start and longest_with_i * (i - start + 1) > batch_tokens:
-            batches.append(order[start:i])
-            start, longest_with_i = i, size
-        longest = longest_with_i
-    if start < len(order):
-        batches.append(order[start:])
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def split_batch(indices: np.ndarray, parts: int) -> list[np.ndarray]:
-    """Split one batch into `parts` contiguous slices of near-equal sentence count (for
-    gradient accumulation and for data-parallel ranks); some may be empty for tiny batches."""
-    return np.array_split(indices, parts)
-
-
-@dataclass
-class Batch:
-    src: torch.Tensor  # (batch, src_len): ids + EOS, right-padded
-    tgt_in: torch.Tensor  # (batch, tgt_len): BOS + ids
-    tgt_out: torch.Tensor  # (batch, tgt_len): ids + EOS, the prediction targets
-    num_tgt_tokens: int
-    num_src_tokens: int
-
-    def to(self, device: torch.device) -> Batch:
-        return Batch(self.src.to(device, non_blocking=True),
-                     self.tgt_in.to(device, non_blocking=True),
-                     self.tgt_out.to(device, non_blocking=True),
-                     self.num_tgt_tokens, self.num_src_tokens)
-
-
-def collate(src_ids: list[list[int]], tgt_ids: list[list[int]], *, pad: int, bos: int,
-            eos: int) -> Batch:
-    """Pad encoded pairs into the tensors the model trains on."""
-    src = pad_sequences([s + [eos] for s in src_ids], pad)
-    tgt_in = pad_sequences([[bos] + t for t in tgt_ids], pad)
-    tgt_out = pad_sequences([t + [eos] for t in tgt_ids], pad)
-    return Batch(src, tgt_in, tgt_out, int((tgt_out != pad).sum()), int((src != pad).sum()))
-
-
-def pad_sequences(sequences: list[list[int]], pad: int) -> torch.Tensor:
-    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-    out = np.full((len(sequences), int(lengths.max(initial=0))), pad, dtype=np.int64)
-    # One vectorised scatter instead of a tensor copy per sentence.
-    rows = np.repeat(np.arange(len(sequences)), lengths)
-    cols = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out[rows, cols] = np.fromiter((t for s in sequences for t in s), dtype=np.int64,
-                                  count=int(lengths.sum()))
-    return torch.from_numpy(out)

@@ -2,16 +2,31 @@
 
 A process started by torchrun finds RANK, WORLD_SIZE and LOCAL_RANK in its environment; without
 them traduire runs as a single process and every helper here is a no-op.
+
+Two kinds of messages pass between ranks: gradients (DDP, on the training device: NCCL on
+GPUs, gloo on CPU) and small decisions — stop now, a number to log. Decisions travel over a
+gloo group on the CPU, so that agreeing on them never makes the host wait for the GPU.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from traduire.errors import TraduireError
+from traduire.files import atomic_write_text
+
+_control_group: Any = None  # the CPU (gloo) group for decisions; None: the default group
 
 
 @dataclass(frozen=True)
@@ -31,10 +46,13 @@ class Context:
 
 def init(device_kind: str) -> Context:
     """Join the process group if started by torchrun: NCCL on GPUs, gloo on CPU."""
+    global _control_group
     if "RANK" not in os.environ or dist.is_initialized():
         return current()
     backend = "nccl" if device_kind == "cuda" else "gloo"
-    # A short timeout turns a rank that died into an error on the others, not a long hang.
+    # A dead rank becomes an error on the others after this long, not an endless hang. No
+    # collective waits on the data stages (see wait_for_main), so this bounds training steps
+    # only.
     timeout = timedelta(seconds=float(os.environ.get("TRADUIRE_DIST_TIMEOUT", "600")))
     device_id = None
     if backend == "nccl":
@@ -42,6 +60,8 @@ def init(device_kind: str) -> Context:
         torch.cuda.set_device(device_id)
     # device_id binds the rank to its GPU up front (NCCL otherwise guesses from the rank).
     dist.init_process_group(backend, timeout=timeout, device_id=device_id)
+    if backend != "gloo":
+        _control_group = dist.new_group(backend="gloo", timeout=timeout)
     return current()
 
 
@@ -51,37 +71,108 @@ def current() -> Context:
     return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    if _active():
+        dist.barrier(group=_control_group)
 
 
-def broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """Rank 0's decision, seen by every rank (so all stop at the same step)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.broadcast(t, src=0)
-    return bool(t.item())
-
-
-def broadcast_value(value: float, device: torch.device) -> float:
-    """Rank 0's value, seen by every rank."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.broadcast(t, src=0)
-    return t.item()
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
+def any_rank(values: list[int]) -> list[int]:
+    """Element-wise maximum over the ranks of small integers (flags, signal numbers): what one
+    rank wants to stop for, every rank stops for, at the same step."""
+    if not _active():
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
     return t.tolist()
 
 
+def all_reduce_sum(values: list[float]) -> list[float]:
+    if not _active():
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=_control_group)
+    return t.tolist()
+
+
+def broadcast_value(value: float) -> float:
+    """Rank 0's value, seen by every rank."""
+    if not _active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(t, src=0, group=_control_group)
+    return t.item()
+
+
+def all_gather(value: Any) -> list[Any]:
+    """Every rank's `value` (plain data and CPU tensors), in rank order."""
+    if not _active():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value, group=_control_group)
+    return out
+
+
+def launch_token() -> str:
+    """A name for this launch, the same on every rank: rank 0's, broadcast right after the
+    process group forms (every rank is there, so this waits for nobody)."""
+    token = [uuid.uuid4().hex]
+    if _active():
+        dist.broadcast_object_list(token, src=0, group=_control_group)
+    return token[0]
+
+
+def run_on_main(work: Callable[[], None], status_file: Path, ctx: Context,
+                say: Callable[[str], None]) -> None:
+    """Run `work` on rank 0 while the other ranks wait for it, however long it takes.
+
+    The wait is no collective, whose timeout would kill the job while rank 0 prepares a large
+    corpus: rank 0 writes its outcome to `status_file` (on the run directory, which all nodes
+    share), the others poll it, saying every minute what they wait for. If rank 0 fails, the
+    others stop within seconds with rank 0's message."""
+    if not ctx.enabled:
+        work()
+        return
+    token = launch_token()
+    if ctx.is_main:
+        try:
+            work()
+        except BaseException as e:
+            _write_status(status_file, token, "failed", str(e) or type(e).__name__)
+            raise
+        _write_status(status_file, token, "done", "")
+        return
+    started = last_said = time.monotonic()
+    while True:
+        status = _read_status(status_file)
+        if status is not None and status.get("token") == token:
+            if status["state"] == "done":
+                return
+            raise TraduireError(f"rank {ctx.rank}: rank 0 failed while preparing the run: "
+                                f"{status['message']}")
+        time.sleep(0.5)
+        if time.monotonic() - last_said >= 60:
+            last_said = time.monotonic()
+            say(f"rank {ctx.rank}: waiting for rank 0 to prepare the data and tokenizer "
+                f"({(last_said - started) / 60:.0f} min)")
+
+
+def _write_status(path: Path, token: str, state: str, message: str) -> None:
+    atomic_write_text(path, json.dumps({"token": token, "state": state, "message": message}))
+
+
+def _read_status(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    global _control_group
+    if _active():
         dist.destroy_process_group()
+    _control_group = None

@@ -10,6 +10,7 @@ from typing import Any
 from sacrebleu.metrics import BLEU, CHRF, TER
 
 from traduire.errors import DataError
+from traduire.files import read_text_lines
 
 
 def score(hypotheses: list[str], references: list[str], ter: bool = False) -> dict[str, Any]:
@@ -37,25 +38,27 @@ def sentence_chrf(hypothesis: str, reference: str) -> float:
     return CHRF().sentence_score(hypothesis, [reference]).score
 
 
-def read_text(path: Path) -> list[str]:
-    """Lines of a UTF-8 text file, split on '\\n' only."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: invalid UTF-8 at byte {e.start}") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline ends the last line; it does not start a new one
-    return [line.rstrip("\r") for line in lines]
-
-
 def check_aligned(hyp_path: Path | str, hyps: list[str], ref_path: Path, refs: list[str]) -> None:
     if len(hyps) != len(refs):
         raise DataError(f"{hyp_path} has {len(hyps)} lines but {ref_path} has {len(refs)}; "
                         "hypotheses and references must be line-aligned")
+
+
+def score_files(hyp_path: Path, ref_path: Path, ter: bool = False) -> dict[str, Any]:
+    """`traduire eval --hyp`: score a file of translations against a file of references."""
+    hypotheses, references = read_text_lines(hyp_path), read_text_lines(ref_path)
+    check_aligned(hyp_path, hypotheses, ref_path, references)
+    return score(hypotheses, references, ter=ter)
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """The scores as sacreBLEU prints them, their signatures, and the decoding speed."""
+    lines = [result["bleu_detail"], f"chrF2 = {result['chrf']:.2f}"]
+    if "ter" in result:
+        lines.append(f"TER = {result['ter']:.2f}")
+    lines += [f"{name} signature: {sig}" for name, sig in result["signature"].items()]
+    speed = result.get("speed")
+    if speed is not None:
+        lines.append(f"decoding: {speed['sentences_per_s']:.1f} sentences/s, "
+                     f"{speed['tokens_per_s']:.0f} target tokens/s ({speed['seconds']:.1f}s)")
+    return lines

@@ -10,12 +10,14 @@ Needs the `ctranslate2` package (`pip install 'traduire[ctranslate2]'`).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
+from traduire.batch import output_limits, source_batch
+from traduire.device import resolve_device
 from traduire.errors import TraduireError
+from traduire.files import replace_directory
 from traduire.model import MultiHeadAttention, Sublayer, Transformer
 from traduire.search import Hypothesis
 from traduire.tokenizer import Tokenizer
@@ -123,14 +125,29 @@ def export_ctranslate2(translator: Translator, out_dir: Path, quantization: str 
     spec = ctranslate2_spec(translator.model, translator.tokenizer)
     spec.validate()
     spec.optimize(quantization=quantization)
-    # Written beside the target and renamed, so a failed export never leaves half a model.
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    spec.save(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    # Written beside the target and swapped in, so a failed export never leaves half a model
+    # and a crash never leaves neither.
+    with replace_directory(out_dir) as tmp:
+        spec.save(str(tmp))
     return out_dir
+
+
+def load_translator(run_dir: Path, engine: str = "torch", engine_dir: Path | None = None,
+                    checkpoint: Path | None = None, device: str = "auto",
+                    precision: str = "auto") -> Translator:
+    """A Translator of the run searching with `engine`: torch (traduire's own search), or
+    ctranslate2 on the model `traduire export` wrote (in `engine_dir`, default RUN/ctranslate2)."""
+    if engine_dir is not None and engine != "ctranslate2":
+        raise TraduireError("--engine-dir needs --engine ctranslate2")
+    if engine == "torch":
+        return Translator.load(run_dir, checkpoint, device, precision)
+    if engine != "ctranslate2":
+        raise TraduireError(f"--engine {engine!r}: expected torch or ctranslate2")
+    if checkpoint is not None:
+        raise TraduireError("--checkpoint does not apply to --engine ctranslate2: export that "
+                            "checkpoint with 'traduire export --checkpoint FILE'")
+    return CTranslate2Translator.open(run_dir, engine_dir, device=resolve_device(device).type,
+                                      precision=precision)
 
 
 class CTranslate2Translator(Translator):
@@ -138,9 +155,9 @@ class CTranslate2Translator(Translator):
     and output are traduire's.
 
     Differences from traduire's own search, all CTranslate2's: the length penalty divides the
-    log-probability by length^α instead of ((5 + length) / 6)^α (α = 0 gives the same ranking),
-    the length limit is per batch (from its longest source), and per-token log-probabilities are
-    not reported.
+    log-probability by length^α instead of ((5 + length) / 6)^α (α = 0 gives the same ranking);
+    its search stops at one length limit per batch, which each sentence's output is then cut to
+    its own limit; and per-token log-probabilities are not reported.
     """
 
     def __init__(self, base: Translator, engine, compute_type: str) -> None:
@@ -179,9 +196,9 @@ class CTranslate2Translator(Translator):
                       generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
         tok = self.tokenizer
         pieces = [[self.src_vocab[i] for i in ids] for ids in src_ids]
-        longest = max(len(ids) for ids in src_ids) + 1
-        limit = min(int(options.max_len_a * longest + options.max_len_b),
-                    self.model.shape.max_positions - 1)
+        limits = output_limits(source_batch(src_ids, pad=tok.pad_id, eos=tok.eos_id),
+                               tok.pad_id, options.max_len_a, options.max_len_b,
+                               self.model.shape.max_positions).tolist()
         search = dict(beam_size=options.beam, num_hypotheses=options.nbest,
                       length_penalty=options.lenpen)
         if options.sample is not None:
@@ -189,11 +206,11 @@ class CTranslate2Translator(Translator):
             _ctranslate2().set_random_seed(options.seed)
             search = dict(beam_size=1, sampling_topk=top_k or 0, sampling_topp=top_p or 1.0,
                           sampling_temperature=options.temperature)
-        results = self.engine.translate_batch(pieces, max_decoding_length=limit + 1,
+        results = self.engine.translate_batch(pieces, max_decoding_length=max(limits) + 1,
                                               return_scores=True, return_end_token=False,
                                               suppress_sequences=self.never, **search)
         out = []
-        for result in results:
+        for result, limit in zip(results, limits):
             hyps = []
             for tokens, score in zip(result.hypotheses, result.scores):
                 # At the length limit traduire ends a hypothesis with EOS; CTranslate2 stops one

@@ -17,13 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from traduire import ops
-from traduire.ops import Dropout
+from traduire import kernels
+from traduire.config import ModelConfig, encoder_decoder_layers
+from traduire.kernels import Dropout
 
 
 @dataclass(frozen=True)
 class TransformerShape:
-    """Everything needed to build the network (the model section of the config plus vocab sizes)."""
+    """Everything needed to build the network: the model section of the config, resolved,
+    plus the vocabulary sizes and the padding id."""
 
     src_vocab_size: int
     tgt_vocab_size: int
@@ -38,8 +40,22 @@ class TransformerShape:
     activation: str = "relu"
     norm: str = "pre"  # "pre" (LayerNorm before each sublayer) or "post" (as in the paper)
     max_positions: int = 1024
-    share_embeddings: bool = True  # source, target and output projection share one matrix
+    # One matrix for the source and target embeddings. The output projection is tied to the
+    # target embedding whatever this says (section 3.4).
+    share_embeddings: bool = True
     pad_id: int = 0
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, src_vocab_size: int, tgt_vocab_size: int,
+                    pad_id: int) -> TransformerShape:
+        encoder_layers, decoder_layers = encoder_decoder_layers(model)
+        return cls(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,
+                   d_model=model.d_model, heads=model.heads, ffn_dim=model.ffn_dim,
+                   encoder_layers=encoder_layers, decoder_layers=decoder_layers,
+                   dropout=model.dropout, attention_dropout=model.attention_dropout,
+                   activation_dropout=model.activation_dropout, activation=model.activation,
+                   norm=model.norm, max_positions=model.max_positions,
+                   share_embeddings=model.share_embeddings, pad_id=pad_id)
 
 
 # --- Embeddings and positions ----------------------------------------------------------------
@@ -88,7 +104,9 @@ class SinusoidalPositions(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head scaled dot-product attention (section 3.2).
+    """Multi-head scaled dot-product attention (section 3.2): each of `heads` heads computes
+    softmax(Q K^T / sqrt(d_k)) V on its own d_model / heads dimensions (`kernels.attention`),
+    and the heads' outputs are concatenated and projected back to d_model.
 
     Self-attention projects queries, keys and values with one packed matrix (one matrix product
     instead of three); cross-attention projects queries from the decoder and keys/values from
@@ -153,53 +171,13 @@ class MultiHeadAttention(nn.Module):
                 # exists yet, so no causal mask is needed for a single step.
                 causal = causal and q.size(2) > 1
 
-        # Returning the weights needs the explicit computation; so does speed on CPU, where
-        # torch 2.13's fused kernels are slower than plain matrix products at this model's
-        # sequence lengths: 2x in a decoding step, 1.2-6x for a training forward and backward
-        # (more in bf16). GPUs get the fused kernels.
-        explicit = need_weights or q.device.type == "cpu"
-        # The fused kernels know causality themselves (and flash attention on GPUs accepts no
-        # explicit mask), so a plain causal square gets is_causal rather than a mask tensor.
-        is_causal = causal and mask is None and q.size(2) == k.size(2) and not explicit
-        if causal and not is_causal:
-            mask = _causal_mask(q.size(2), k.size(2), q.device, mask)
         dropout = self.dropout if self.training else 0.0
-        if explicit:
-            out, weights = _explicit_attention(q, k, v, mask, dropout)
-        else:
-            out, weights = _fused_attention(q, k, v, mask, dropout, is_causal), None
-        if not need_weights:
-            weights = None
+        out, weights = kernels.attention(q, k, v, mask, causal, dropout, need_weights)
         out = out.transpose(1, 2).reshape(rows, q_len, self.heads * self.head_dim)
         if weights is not None and weights.size(0) != rows:  # grouped cross-attention
             weights = (weights.unflatten(2, (-1, q_len)).transpose(1, 2)
                        .reshape(rows, self.heads, q_len, -1))
         return self.out_proj(out), weights
-
-
-def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float
-                        ) -> tuple[Tensor, Tensor]:
-    """softmax(q k^T / sqrt(d)) v step by step; also returns the weights. The softmax runs in
-    float32 whatever the inputs' precision."""
-    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(dim=-1)
-    return ops.dropout(weights, dropout, dropout > 0).to(v.dtype) @ v, weights
-
-
-def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float,
-                     is_causal: bool) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v through torch's fused kernels (flash, memory-efficient,
-    cuDNN: torch picks one for the device, dtype and mask)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                          is_causal=is_causal)
-
-
-def _causal_mask(q_len: int, k_len: int, device: torch.device, mask: Tensor | None) -> Tensor:
-    """Lower-triangular mask, aligned so the last query sees the last key (for cached steps)."""
-    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
-    return causal if mask is None else mask & causal
 
 
 # --- Feed-forward ----------------------------------------------------------------------------
@@ -391,8 +369,6 @@ class Transformer(nn.Module):
                          else TokenEmbedding(shape.src_vocab_size, shape.d_model, shape.pad_id))
         self.encoder = Encoder(shape, src_embedding, positions)
         self.decoder = Decoder(shape, tgt_embedding, positions)
-        # The output projection reuses the target embedding matrix (section 3.4): one matrix
-        # maps tokens to vectors and vectors back to token scores.
         self._init_linear_layers()
 
     def _init_linear_layers(self) -> None:
@@ -420,6 +396,8 @@ class Transformer(nn.Module):
         continue source i of memory and src_mask.
         """
         hidden = self.decoder(tgt, memory, src_mask, cache, attention)
+        # The output projection reuses the target embedding matrix (section 3.4): one matrix
+        # maps tokens to vectors and vectors back to token scores.
         return F.linear(hidden, self.decoder.embedding.weight)
 
     def forward(self, src: Tensor, tgt_in: Tensor, attention: Attention | None = None) -> Tensor:

@@ -1,26 +1,31 @@
 """The run directory and the three stages that fill it: data -> tokenizer -> model.
 
-Each stage records the settings it was run with in stages/<stage>.json. A later `train` skips a
+Each stage records the settings it was run with in stages/<stage>.json. A later run skips a
 stage whose record matches the config, refuses to go on if the settings of a finished stage
 changed (naming the keys), and with `overwrite` redoes the first changed stage and all after it,
 after moving their old outputs into old/<timestamp>/.
 
+A run directory is traduire's or it is refused: `prepare` and `train` write only into a
+directory that does not exist yet, is empty, or holds a run (run.json). Nothing traduire did
+not write is ever moved or deleted.
+
 Run directory layout:
+  run.json                format version of the directory: the mark of a traduire run
   config.yaml             the resolved config of the latest run
-  run.json                format version of the directory
   stages/<stage>.json     settings each stage was run with
   data/{train,valid}      cleaned text pairs (Arrow), data/report.json: what was dropped and why;
                           data/test.<lang>: held-out test text where the source has a test split
   tokenizer/spm.model     SentencePiece model(s)
   encoded/{train,valid}   token ids (Arrow)
-  checkpoints/step_N.pt   periodic checkpoints; best.pt: best validation loss
+  checkpoints/step_N.pt   periodic checkpoints (the newest train.keep_last)
+  best.pt                 the best checkpoint by validation loss (or BLEU: train.best_metric)
   metrics.jsonl           one JSON object per log line and validation
+  old/<time>/             outputs moved aside by --overwrite
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,71 +35,74 @@ import yaml
 from rich.console import Console
 
 from traduire import distributed
-from traduire.checkpoint import atomic_directory, atomic_write_text, move_aside
-from traduire.config import BOUND_KEYS, Config, changed_keys, fingerprint
-from traduire.data import EncodedCorpus, clean, load_corpus
+from traduire.batch import EncodedCorpus
+from traduire.config import BOUND_KEYS, Config, changed_keys, fingerprint, load_config
+from traduire.data import clean, load_corpus
+from traduire.device import resolve_device
 from traduire.errors import CheckpointError, DataError, TraduireError
+from traduire.files import atomic_open, atomic_write_text, move_aside, replace_directory
 from traduire.tokenizer import Tokenizer, encode_corpus, train_tokenizer
-from traduire.train import Trainer, TrainState, resolve_device
+from traduire.training import Trainer, TrainState
 
-log = logging.getLogger(__name__)
 console = Console(stderr=True)
 
 RUN_FORMAT_VERSION = 1
 STAGES = ("data", "tokenizer", "model")
 STAGE_OUTPUTS = {"data": ["data"], "tokenizer": ["tokenizer", "encoded"],
-                 "model": ["checkpoints", "best.pt", "metrics.jsonl"]}
+                 "model": ["checkpoints", "best.pt", "metrics.jsonl", "tensorboard"]}
 
 
-def stage_settings(config: Config, stage: str) -> dict[str, Any]:
-    """The config keys whose values determine a stage's output."""
-    if stage == "data":
-        return {"data": asdict(config.data)}
-    if stage == "tokenizer":
-        return {"tokenizer": asdict(config.tokenizer)}
-    train = {k: v for k, v in asdict(config.train).items() if k not in BOUND_KEYS}
-    return {"model": asdict(config.model), "train": train}
+# --- The Python API ----------------------------------------------------------------------------
 
 
-def check_run_dir(run_dir: Path, config: Config, overwrite: bool) -> str | None:
-    """Compare the config with the stages already run. Returns the first stage to redo because
-    of `overwrite` (None if nothing changed); raises TraduireError if something changed and
-    `overwrite` is off."""
-    _check_format(run_dir)
-    for stage in STAGES:
-        record = _read_record(run_dir, stage)
-        if record is None:
-            continue
-        changed = changed_keys(record["settings"], stage_settings(config, stage))
-        if not changed:
-            continue
-        if overwrite:
-            return stage
-        raise TraduireError(
-            f"{run_dir}: the {stage} stage was run with other settings; changed: "
-            f"{', '.join(changed)}. Use --overwrite to redo the {stage} stage and those after it "
-            f"(old outputs are moved to {run_dir / 'old'}), or choose another --run-dir")
-    return None
+def train(config: Config | str | Path, run_dir: str | Path, overrides: list[str] = (),
+          overwrite: bool = False) -> TrainState:
+    """Prepare whatever is missing, then train or continue training: `traduire train`.
+
+    `config` is a Config, or a YAML file's path; `overrides` are `section.key=value` strings
+    as for --set. Returns the final TrainState; raises TrainingInterrupted on SIGINT/SIGTERM
+    (after saving a checkpoint) and TraduireError for anything the user can fix."""
+    return run(_as_config(config, overrides), Path(run_dir), overwrite)
+
+
+def prepare(config: Config | str | Path, run_dir: str | Path, overrides: list[str] = (),
+            overwrite: bool = False) -> None:
+    """The data and tokenizer stages alone: `traduire prepare`, what to run once on one
+    machine before many GPUs train."""
+    config, run_dir = _as_config(config, overrides), Path(run_dir)
+    redo = check_run_dir(run_dir, config, overwrite, stages=("data", "tokenizer"))
+    _start(run_dir, config, redo)
+    prepare_data(config, run_dir)
+    prepare_tokenizer(config, run_dir)
+
+
+def _as_config(config: Config | str | Path, overrides: list[str]) -> Config:
+    return config if isinstance(config, Config) else load_config(config, list(overrides))
+
+
+# --- Stages ------------------------------------------------------------------------------------
 
 
 def run(config: Config, run_dir: Path, overwrite: bool = False) -> TrainState:
-    """Run every stage that is not already done, then train (or continue training)."""
+    """Run every stage that is not already done, then train (or continue training).
+
+    Under torchrun, rank 0 prepares while the others wait for it without a collective, so a
+    large corpus never runs into the process group's timeout (distributed.run_on_main)."""
     run_dir = Path(run_dir)
     ctx = distributed.init(resolve_device(config.train.device).type)
-    redo = check_run_dir(run_dir, config, overwrite)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if redo is not None:
-            _redo_from(run_dir, redo)
-        atomic_write_text(run_dir / "run.json",
-                          json.dumps({"format_version": RUN_FORMAT_VERSION}) + "\n")
-        atomic_write_text(run_dir / "config.yaml",
-                          yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
-        # Data and tokenizer run once; the other ranks wait, then read what rank 0 wrote.
+
+    def prepare_on_main() -> None:
+        redo = check_run_dir(run_dir, config, overwrite)
+        _start(run_dir, config, redo)
         prepare_data(config, run_dir)
         prepare_tokenizer(config, run_dir)
         _write_record(run_dir, "model", config)
-    distributed.barrier()
+
+    # Every rank checks (reading only) that the directory may be used, so a foreign one stops
+    # all of them at once; rank 0's outcome is then written into the run directory only.
+    claim_run_dir(run_dir)
+    distributed.run_on_main(prepare_on_main, run_dir / "stages" / ".prepared.json", ctx,
+                            console.print)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
     train_data = EncodedCorpus(datasets.load_from_disk(str(run_dir / "encoded" / "train")),
                                max_len=min(config.train.max_len, config.model.max_positions))
@@ -110,10 +118,11 @@ def prepare_data(config: Config, run_dir: Path) -> None:
     if _read_record(run_dir, "data") is not None and (run_dir / "data").is_dir():
         console.print("data: done (skipped)")
         return
+    _move_leftovers(run_dir, "data")
     console.print("data: loading and cleaning the corpus")
     raw = load_corpus(config.data, run_dir / "cache")
     report: dict[str, Any] = {}
-    with atomic_directory(run_dir / "data") as out:
+    with replace_directory(run_dir / "data") as out:
         for split, pairs in raw.items():
             kept, dropped = clean(pairs, config.data)
             if split == "valid" and config.data.max_valid:
@@ -126,8 +135,9 @@ def prepare_data(config: Config, run_dir: Path) -> None:
             kept.save_to_disk(str(out / split))
             if split == "test":  # held-out text for `traduire eval`, as plain aligned files
                 for column, lang in (("src", config.data.src_lang), ("tgt", config.data.tgt_lang)):
-                    atomic_write_text(out / f"test.{lang}", "".join(f"{line}\n"
-                                                                     for line in kept[column]))
+                    with atomic_open(out / f"test.{lang}") as f:
+                        for line in kept[column]:
+                            f.write(f"{line}\n")
             report[split] = {"read": len(pairs), "kept": len(kept), "dropped": dropped}
             console.print(f"  {split}: {len(pairs):,} pairs read, {len(kept):,} kept"
                           + "".join(f", {n:,} {why}" for why, n in sorted(dropped.items())))
@@ -140,12 +150,13 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
     if _read_record(run_dir, "tokenizer") is not None and (run_dir / "encoded").is_dir():
         console.print("tokenizer: done (skipped)")
         return
+    _move_leftovers(run_dir, "tokenizer")
     train = datasets.load_from_disk(str(run_dir / "data" / "train"))
     valid = datasets.load_from_disk(str(run_dir / "data" / "valid"))
     console.print(f"tokenizer: training SentencePiece {config.tokenizer.model_type} "
                   f"({config.tokenizer.vocab_size} pieces) on {len(train):,} pairs")
-    with atomic_directory(run_dir / "tokenizer") as out:
-        tokenizer = train_tokenizer(train, config.tokenizer, out)
+    with replace_directory(run_dir / "tokenizer") as out:
+        train_tokenizer(train, config.tokenizer, out)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
     cache = run_dir / "cache"
     cache.mkdir(exist_ok=True)
@@ -153,13 +164,95 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
     # by name alone, so a retrained tokenizer must never find the old one.
     key = fingerprint(_plain({**stage_settings(config, "data"),
                               **stage_settings(config, "tokenizer")}))
-    with atomic_directory(run_dir / "encoded") as out:
+    with replace_directory(run_dir / "encoded") as out:
         for split, pairs in (("train", train), ("valid", valid)):
             encoded = encode_corpus(pairs, tokenizer, cache / f"encoded-{split}-{key}.arrow")
             encoded.save_to_disk(str(out / split))
-            console.print(f"  {split}: {sum(encoded['src_len']):,} source and "
-                          f"{sum(encoded['tgt_len']):,} target pieces")
+            table = encoded.with_format("arrow")
+            console.print(f"  {split}: {table['src_len'].to_numpy().sum():,} source and "
+                          f"{table['tgt_len'].to_numpy().sum():,} target pieces")
     _write_record(run_dir, "tokenizer", config)
+
+
+def stage_settings(config: Config, stage: str) -> dict[str, Any]:
+    """The config keys whose values determine a stage's output."""
+    if stage == "data":
+        return {"data": asdict(config.data)}
+    if stage == "tokenizer":
+        return {"tokenizer": asdict(config.tokenizer)}
+    train_settings = {k: v for k, v in asdict(config.train).items() if k not in BOUND_KEYS}
+    return {"model": asdict(config.model), "train": train_settings}
+
+
+# --- The run directory -------------------------------------------------------------------------
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Refuse a directory that is neither new, nor empty, nor a traduire run (run.json):
+    anything else (a project folder, `.`, a data folder) holds files that are not ours."""
+    if run_dir.is_symlink() and not run_dir.exists() or run_dir.is_file():
+        raise TraduireError(f"{run_dir}: exists and is not a directory; choose another "
+                            "--run-dir")
+    if not run_dir.exists() or (run_dir / "run.json").is_file():
+        return
+    try:
+        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir())
+    except OSError as e:
+        raise TraduireError(f"{run_dir}: cannot read it ({e.strerror})") from None
+    if entries:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more"
+                                          if len(entries) > 5 else "")
+        raise TraduireError(f"{run_dir}: not a traduire run directory (it holds {shown}); "
+                            "nothing was written. Choose a new or empty --run-dir")
+
+
+def check_run_dir(run_dir: Path, config: Config, overwrite: bool,
+                  stages: tuple[str, ...] = STAGES) -> str | None:
+    """Compare the config with the stages already run. Returns the first stage to redo because
+    of `overwrite` (None if nothing changed); raises TraduireError if something changed and
+    `overwrite` is off."""
+    claim_run_dir(run_dir)
+    _check_format(run_dir)
+    for stage in stages:
+        record = _read_record(run_dir, stage)
+        if record is None:
+            continue
+        changed = changed_keys(record["settings"], stage_settings(config, stage))
+        if not changed:
+            continue
+        if overwrite:
+            return stage
+        raise TraduireError(
+            f"{run_dir}: the {stage} stage was run with other settings; changed: "
+            f"{', '.join(changed)}. Use --overwrite to redo the {stage} stage and those after it "
+            f"(old outputs are moved to {run_dir / 'old'}), or choose another --run-dir")
+    return None
+
+
+def _start(run_dir: Path, config: Config, redo: str | None) -> None:
+    """Mark the directory as a run, move aside what `overwrite` redoes, record the config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "run.json",
+                      json.dumps({"format_version": RUN_FORMAT_VERSION}) + "\n")
+    if redo is not None:
+        later = STAGES[STAGES.index(redo):]
+        paths = [run_dir / name for s in later for name in STAGE_OUTPUTS[s]]
+        paths += [run_dir / "stages" / f"{s}.json" for s in later]
+        moved = move_aside(paths, run_dir)
+        if moved:
+            console.print(f"overwrite: redoing the {redo} stage; old outputs moved to {moved}",
+                          markup=False, highlight=False, soft_wrap=True)
+    atomic_write_text(run_dir / "config.yaml",
+                      yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+
+
+def _move_leftovers(run_dir: Path, stage: str) -> None:
+    """Outputs of a stage that has no record (it was interrupted, or its record was removed)
+    are moved to old/, never deleted, before the stage runs again."""
+    moved = move_aside([run_dir / name for name in STAGE_OUTPUTS[stage]], run_dir)
+    if moved:
+        console.print(f"{stage}: outputs without a stage record moved to {moved}",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 def _train_source(config: Config) -> str:
@@ -173,9 +266,6 @@ def _train_source(config: Config) -> str:
     if d.source == "hub":
         return f"{d.hub_name} ({d.train_split})"
     return f"bible {d.bible_src}/{d.bible_tgt}"
-
-
-# --- stage records -----------------------------------------------------------------------------
 
 
 def _read_record(run_dir: Path, stage: str) -> dict[str, Any] | None:
@@ -192,16 +282,6 @@ def _write_record(run_dir: Path, stage: str, config: Config) -> None:
     settings = _plain(stage_settings(config, stage))
     atomic_write_text(run_dir / "stages" / f"{stage}.json", json.dumps(
         {"fingerprint": fingerprint(settings), "settings": settings}, indent=2) + "\n")
-
-
-def _redo_from(run_dir: Path, stage: str) -> None:
-    later = STAGES[STAGES.index(stage):]
-    paths = [run_dir / name for s in later for name in STAGE_OUTPUTS[s]]
-    paths += [run_dir / "stages" / f"{s}.json" for s in later]
-    moved = move_aside(paths, run_dir)
-    if moved:
-        console.print(f"overwrite: redoing the {stage} stage; old outputs moved to {moved}",
-                      markup=False, highlight=False, soft_wrap=True)
 
 
 def _check_format(run_dir: Path) -> None:
@@ -224,4 +304,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-

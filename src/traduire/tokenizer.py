@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 from pathlib import Path
 
 import datasets
 import sentencepiece as spm
 
-from traduire.checkpoint import atomic_write_bytes
 from traduire.config import TokenizerConfig
 from traduire.errors import ConfigError
+from traduire.files import atomic_write_bytes
 
 
 class Tokenizer:
@@ -51,11 +52,16 @@ class Tokenizer:
     def decode_tgt(self, ids: list[list[int]]) -> list[str]:
         return self.tgt.decode(ids)
 
-    def src_pieces(self, text: str) -> list[str]:
-        return self.src.encode(text, out_type=str)
-
     def tgt_pieces(self, ids: list[int]) -> list[str]:
         return [self.tgt.id_to_piece(i) for i in ids]
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity, e.g. a cluster job's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _processor(path: Path) -> spm.SentencePieceProcessor:
@@ -83,7 +89,7 @@ def _train_model(sentences, cfg: TokenizerConfig) -> bytes:
             vocab_size=cfg.vocab_size, character_coverage=cfg.character_coverage,
             pad_id=cfg.pad_id, unk_id=cfg.unk_id, bos_id=cfg.bos_id, eos_id=cfg.eos_id,
             input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=True,
-            num_threads=2, minloglevel=2)
+            num_threads=available_cores(), minloglevel=2)
     except RuntimeError as e:
         message = " ".join(str(e).split())
         if "Vocabulary size" in message or "vocab_size" in message:

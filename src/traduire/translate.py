@@ -1,4 +1,13 @@
-"""Translating text with a trained run: load the model, batch sentences by length, decode.
+"""Translating with a trained run: load the model, batch sentences by length, decode.
+
+`Translator` is the Python API:
+
+    from traduire import Translator
+    t = Translator.load("runs/m30k")            # best.pt; device and precision auto
+    t.translate(["A dog runs on the beach."])   # ['Un chien court sur la plage.']
+    t.translate(lines, beam=5, nbest=3)         # n-best Candidates with probabilities
+    t.score(["A dog runs."], ["Un chien court."])
+    t.attention("... because it was too tired.", token="it")
 
 `translate_lines` streams: it reads a bounded chunk of lines at a time, sorts the chunk by
 length so batches hold similar lengths, and yields results in input order, exactly one per
@@ -7,22 +16,30 @@ input line (an empty or blank line gives an empty translation without touching t
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import Progress, TextColumn, TimeElapsedColumn
 
+from traduire import analysis
+from traduire.batch import sentence_batches, source_batch
 from traduire.checkpoint import load_checkpoint, step_checkpoints
 from traduire.config import Config, config_from_dict
+from traduire.device import decoding_precision, resolve_device
 from traduire.errors import CheckpointError, TraduireError
-from traduire.model import Transformer
-from traduire.runtime import native_bf16
+from traduire.evaluate import check_aligned, score
+from traduire.files import line_writer, open_input, read_lines, read_text_lines
+from traduire.model import Transformer, TransformerShape
 from traduire.search import Hypothesis, beam_search, sample
 from traduire.tokenizer import Tokenizer
-from traduire.train import build_model, resolve_device
 
 
 @dataclass(frozen=True)
@@ -39,13 +56,15 @@ class DecodeOptions:
     seed: int = 0
     chunk_lines: int = 10_000  # lines read ahead and sorted together
     # Also fill Translation.confidence (one more forward pass per batch; see
-    # inspect_model.confidence). On for --format jsonl and --flag-below only.
+    # analysis.confidence). On for --format jsonl and --flag-below only.
     confidence: bool = False
 
     def __post_init__(self) -> None:
         for name in ("beam", "nbest", "batch_tokens", "chunk_lines"):
             if getattr(self, name) < 1:
                 raise TraduireError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.batch_size < 0:
+            raise TraduireError("--batch-size must not be negative")
         if self.nbest > self.beam and self.sample is None:
             raise TraduireError(f"--nbest {self.nbest} cannot exceed --beam {self.beam}")
         if self.sample is not None:
@@ -65,6 +84,19 @@ def parse_sampling(spec: str) -> tuple[int | None, float | None]:
     raise TraduireError(f"--sample {spec!r}: expected topk:K (K >= 1) or topp:P (0 < P <= 1)")
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One translation of a sentence and how probable the model finds it."""
+
+    text: str
+    logprob: float  # total log-probability of its tokens and EOS
+    score: float  # logprob / length penalty: what ranks the candidates
+
+    @property
+    def probability(self) -> float:
+        return math.exp(self.logprob)
+
+
 @dataclass
 class Translation:
     source: str
@@ -78,6 +110,10 @@ class Translation:
     def best(self) -> str:
         return self.texts[0] if self.texts else ""
 
+    @property
+    def candidates(self) -> list[Candidate]:
+        return [Candidate(t, h.logprob, h.score) for t, h in zip(self.texts, self.hypotheses)]
+
 
 class Translator:
     """A trained model with its tokenizer, ready to translate."""
@@ -88,25 +124,64 @@ class Translator:
         self.device, self.checkpoint = device, checkpoint
 
     @classmethod
-    def load(cls, run_dir: Path, checkpoint: Path | None = None, device: str = "auto",
-             precision: str = "auto") -> Translator:
-        """The run's model on `device`, its weights in `precision` (see `decode_dtype`)."""
+    def load(cls, run_dir: str | Path, checkpoint: str | Path | None = None,
+             device: str = "auto", precision: str = "auto") -> Translator:
+        """The run's model (best.pt unless `checkpoint` names another) on `device`, its weights
+        in `precision`: fp32, bf16, or auto (bf16 where the device computes it natively)."""
         run_dir = Path(run_dir)
         if not (run_dir / "tokenizer").is_dir():
             raise TraduireError(f"{run_dir}: not a trained run directory (no tokenizer/)")
         checkpoint = Path(checkpoint) if checkpoint else default_checkpoint(run_dir)
         torch_device = resolve_device(device)
+        dtype = torch.bfloat16 if decoding_precision(precision, torch_device) == "bf16" \
+            else torch.float32
         state = load_checkpoint(checkpoint, map_location="cpu")
         config = config_from_dict(state["config"], origin=str(checkpoint))
         tokenizer = Tokenizer.load(run_dir / "tokenizer")
-        model = build_model(config, tokenizer)
+        model = Transformer(TransformerShape.from_config(
+            config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, tokenizer.pad_id))
         try:
             model.load_state_dict(state["model"])
         except RuntimeError:
             raise CheckpointError(f"{checkpoint}: weights do not fit the model of {run_dir} "
                                   "(different architecture or vocabulary)") from None
-        model = model.to(torch_device, decode_dtype(precision, torch_device))
-        return cls(model, tokenizer, config, torch_device, checkpoint)
+        return cls(model.to(torch_device, dtype), tokenizer, config, torch_device, checkpoint)
+
+    # --- the Python API ------------------------------------------------------------------------
+
+    def translate(self, sentences: str | Iterable[str], **options: Any
+                  ) -> list[str] | list[list[Candidate]]:
+        """Translations of `sentences`, one per sentence, in order. Keyword options are those
+        of DecodeOptions (beam=5, nbest=1, lenpen=1.0, sample=..., ...). With nbest > 1, each
+        sentence's n best Candidates (text, logprob, score, probability), best first."""
+        lines = [sentences] if isinstance(sentences, str) else list(sentences)
+        decode = DecodeOptions(**options)
+        results = list(self.translate_lines(lines, decode))
+        if decode.nbest == 1:
+            return [r.best for r in results]
+        return [r.candidates for r in results]
+
+    def score(self, sources: list[str], targets: list[str]) -> list[analysis.ScoredPair]:
+        """Forced decoding: how probable the model finds each target as a translation of its
+        source, in total and token by token."""
+        return analysis.score_pairs(self.model, self.tokenizer, sources, targets)
+
+    def attention(self, sentence: str, token: str | None = None, index: int | None = None,
+                  cross: bool = False, beam: int = 5) -> analysis.AttentionMap | dict[str, Any]:
+        """Encoder self-attention between the words of `sentence` (an AttentionMap), or, with
+        `token` or `index`, the weights from that one word: {"word", "index", "average":
+        [[word, weight], ...] in source order, "layers": per layer and head}. cross=True gives
+        the cross-attention from each word of the model's own translation (beam search)."""
+        output = None
+        if cross:
+            output = self.translate_ids(self.encode([sentence])[0], DecodeOptions(beam=beam)
+                                        )[0][0].tokens
+        amap = analysis.attention_map(self.model, self.tokenizer, sentence, output)
+        if token is None and index is None:
+            return amap
+        return amap.row_record(analysis.find_word(amap.rows, token, index))
+
+    # --- batches and streams -------------------------------------------------------------------
 
     @property
     def max_source_tokens(self) -> int:
@@ -123,19 +198,9 @@ class Translator:
                       generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
         """Decode one batch of encoded sentences; n-best lists in input order."""
         tok = self.tokenizer
-        eos = tok.eos_id
-        longest = max(len(s) for s in src_ids) + 1
-        src = torch.full((len(src_ids), longest), tok.pad_id, dtype=torch.long)
-        for row, ids in enumerate(src_ids):
-            src[row, :len(ids) + 1] = torch.tensor(ids + [eos])
-        src = src.to(self.device)
-        # Never ask for more target positions than the model has encodings for.
-        max_len_b = min(options.max_len_b, self.model.shape.max_positions - 1)
-        max_len_a = options.max_len_a
-        if max_len_a * longest + max_len_b > self.model.shape.max_positions - 1:
-            max_len_a = max(0.0, (self.model.shape.max_positions - 1 - max_len_b) / longest)
-        common = dict(bos=tok.bos_id, eos=eos, pad=tok.pad_id, max_len_a=max_len_a,
-                      max_len_b=max_len_b)
+        src = source_batch(src_ids, pad=tok.pad_id, eos=tok.eos_id).to(self.device)
+        common = dict(bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id,
+                      max_len_a=options.max_len_a, max_len_b=options.max_len_b)
         if options.sample is not None:
             top_k, top_p = parse_sampling(options.sample)
             return [[h] for h in sample(self.model, src, top_k=top_k, top_p=top_p,
@@ -165,58 +230,23 @@ class Translator:
         results = [Translation(s, [], []) for s in sources]
         todo = [i for i, s in enumerate(sources) if s.strip()]
         ids, cut = self.encode([sources[i] for i in todo]) if todo else ([], [])
-        encoded = dict(zip(todo, ids))
         for i, was_cut in zip(todo, cut):
             results[i].truncated = was_cut
-        for batch in length_batches(encoded, options.batch_tokens, options.batch_size):
-            nbests = self.translate_ids([encoded[i] for i in batch], options, generator)
-            for i, hyps in zip(batch, nbests):
-                results[i].hypotheses = hyps
-                results[i].texts = [one_line(t) for t in
-                                    self.tokenizer.decode_tgt([h.tokens for h in hyps])]
+        for batch in sentence_batches([len(s) for s in ids], options.batch_tokens,
+                                      options.batch_size):
+            nbests = self.translate_ids([ids[j] for j in batch], options, generator)
+            for j, hyps in zip(batch, nbests):
+                result = results[todo[j]]
+                result.hypotheses = hyps
+                result.texts = [one_line(t) for t in
+                                self.tokenizer.decode_tgt([h.tokens for h in hyps])]
             if options.confidence:
-                from traduire.inspect_model import confidence
-
-                scores = confidence(self, [encoded[i] for i in batch],
-                                    [results[i].hypotheses[0] for i in batch])
-                for i, score in zip(batch, scores):
-                    results[i].confidence = score
+                scores = analysis.confidence(self.model, self.tokenizer,
+                                             [ids[j] for j in batch],
+                                             [results[todo[j]].hypotheses[0] for j in batch])
+                for j, confidence in zip(batch, scores):
+                    results[todo[j]].confidence = confidence
         yield from results
-
-
-def length_batches(encoded: dict[int, list[int]], batch_tokens: int, batch_size: int
-                   ) -> Iterator[list[int]]:
-    """Group line numbers by source length so little of each batch is padding."""
-    order = sorted(encoded, key=lambda i: len(encoded[i]))
-    batch: list[int] = []
-    longest = 0
-    for i in order:
-        size = len(encoded[i]) + 1
-        too_many = batch_size and len(batch) >= batch_size
-        if batch and (too_many or max(longest, size) * (len(batch) + 1) > batch_tokens):
-            yield batch
-            batch, longest = [], 0
-        batch.append(i)
-        longest = max(longest, size)
-    if batch:
-        yield batch
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def decode_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype to decode in: fp32, bf16, or auto = bf16 where the hardware multiplies bf16
-    natively (`runtime.native_bf16`), else fp32.
-
-    bf16 weights make decoding 1.5x faster on such a CPU with the same BLEU (Multi30k test_2016:
-    51.9 either way); search scores stay in fp32 (see search.py).
-    """
-    if precision not in PRECISIONS:
-        raise TraduireError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        precision = "bf16" if native_bf16(device) else "fp32"
-    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def default_checkpoint(run_dir: Path) -> Path:
@@ -228,22 +258,6 @@ def default_checkpoint(run_dir: Path) -> Path:
     if not periodic:
         raise CheckpointError(f"{run_dir}: no checkpoint yet (train first)")
     return periodic[-1]
-
-
-def read_lines(stream, on_invalid=None) -> Iterator[str]:
-    """Lines of a binary stream split on '\\n' only (so '\\r', form feeds and Unicode line
-    separators inside a sentence never make extra lines); invalid UTF-8 becomes U+FFFD, and
-    `on_invalid(line_number, byte_offset)` (1-based line, offset in the stream) is called."""
-    offset = 0
-    for number, raw in enumerate(stream, 1):
-        line = raw.rstrip(b"\n").rstrip(b"\r")
-        try:
-            yield line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            if on_invalid is not None:
-                on_invalid(number, offset + e.start)
-            yield line.decode("utf-8", errors="replace")
-        offset += len(raw)
 
 
 def clean_line(line: str) -> str:
@@ -278,75 +292,56 @@ class Throughput:
                 "tokens_per_s": round(self.tokens / seconds, 1)}
 
 
-def probability_percent(logprob: float) -> float:
-    return 100.0 * math.exp(logprob)
-
-
 # --- files -------------------------------------------------------------------------------------
 
 
 def translate_file(translator: Translator, input: str, output: Path | None,
                    options: DecodeOptions, format: str = "text", show_probs: bool = False,
                    progress: bool = True, collect: list[str] | None = None,
-                   flag_below: float | None = None) -> dict[str, float]:
-    """Translate a file (or '-' for stdin) to `output` (or stdout). The output file is written
-    to a temporary name and renamed at the end, so an interrupted run never leaves a partial
-    file that looks complete. Returns decoding speed figures.
+                   flag_below: float | None = None) -> dict[str, Any]:
+    """Translate a file (or '-' for stdin) to `output` (or stdout; or only into `collect`).
+    The output file is written atomically, so an interrupted run never leaves a partial file
+    that looks complete. Returns decoding speed figures.
 
     jsonl output carries each sentence's confidence; with `flag_below`, the numbers of the lines
     whose mean token log-probability is below it are printed on stderr at the end."""
-    import dataclasses
-    import json
-    import os
-    import sys
-    import tempfile
-
-    from rich.console import Console
-    from rich.progress import Progress, TextColumn, TimeElapsedColumn
-
+    if format not in ("text", "jsonl"):
+        raise TraduireError(f"--format {format!r}: expected text or jsonl")
     console = Console(stderr=True)
     if format == "jsonl" or flag_below is not None:
         options = dataclasses.replace(options, confidence=True)
+
+    def say(message: str) -> None:
+        console.print(message, highlight=False, markup=False, soft_wrap=True)
+
+    def invalid(number: int, offset: int) -> None:
+        say(f"warning: {input}:{number}: invalid UTF-8 at byte {offset}; translated with "
+            "U+FFFD in its place")
+
+    import sys
+
+    source = sys.stdin.buffer if input == "-" else open_input(Path(input))
     flagged: list[int] = []
-    source = sys.stdin.buffer if input == "-" else _open_input(Path(input))
-    tmp = None
-    if output is None and collect is not None:
-        sink = open(os.devnull, "w", encoding="utf-8")  # the caller takes the lines itself
-    elif output is None:
-        sink = sys.stdout
-    else:
-        output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-        sink = open(fd, "w", encoding="utf-8", newline="\n")
-    speed = Throughput()
-    truncated = 0
+    speed, truncated = Throughput(), 0
     columns = (TextColumn("translating"), TextColumn("{task.completed} lines"),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
+        with Progress(*columns, console=console, disable=not progress, transient=True) as bar, \
+                _sink(output, collect) as sink:
             task = bar.add_task("translate", rate="")
-
-            def invalid(number: int, offset: int) -> None:
-                console.print(f"warning: {input}:{number}: invalid UTF-8 at byte {offset}; "
-                              "translated with U+FFFD in its place", highlight=False,
-                              markup=False, soft_wrap=True)
-
-            lines = read_lines(source, on_invalid=invalid)
-            for number, result in enumerate(translator.translate_lines(lines, options), 1):
+            results = translator.translate_lines(read_lines(source, invalid), options)
+            for number, result in enumerate(results, 1):
                 speed.add(result)
                 if result.truncated:
                     truncated += 1
-                    console.print(f"warning: {input}:{number}: line longer than the model's "
-                                  f"{translator.max_source_tokens} source tokens; translated "
-                                  "its beginning only", highlight=False, markup=False,
-                                  soft_wrap=True)
+                    say(f"warning: {input}:{number}: line longer than the model's "
+                        f"{translator.max_source_tokens} source tokens; translated its "
+                        "beginning only")
                 if format == "jsonl":
                     sink.write(json.dumps(_as_record(result), ensure_ascii=False) + "\n")
-                elif options.nbest > 1:
-                    sink.write(" ||| ".join(result.texts) + "\n")
                 else:
-                    sink.write(result.best + "\n")
+                    sink.write(" ||| ".join(result.texts) if options.nbest > 1 else result.best)
+                    sink.write("\n")
                 if collect is not None:
                     collect.append(result.best)
                 if (flag_below is not None and result.confidence is not None
@@ -356,47 +351,50 @@ def translate_file(translator: Translator, input: str, output: Path | None,
                     console.print(format_probabilities(result), highlight=False)
                 rate = speed.summary()["sentences_per_s"]
                 bar.update(task, completed=number, rate=f"{rate:.1f} sentences/s")
-        if tmp is not None:
-            sink.close()
-            os.replace(tmp, output)
-            tmp = None
-        elif sink is sys.stdout:
-            sink.flush()
-        else:
-            sink.close()
     finally:
-        if tmp is not None:
-            sink.close()
-            Path(tmp).unlink(missing_ok=True)
         if input != "-":
             source.close()
-    summary = speed.summary()
-    summary["truncated"] = truncated
+    summary: dict[str, Any] = {**speed.summary(), "truncated": truncated}
     if flag_below is not None:
-        console.print(f"{len(flagged)} lines with mean token log-probability below "
-                      f"{flag_below}: {' '.join(map(str, flagged)) or '-'}", highlight=False)
+        say(f"{len(flagged)} lines with mean token log-probability below {flag_below}: "
+            f"{' '.join(map(str, flagged)) or '-'}")
         summary["flagged"] = flagged
     return summary
 
 
-def _open_input(path: Path):
-    try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        raise TraduireError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise TraduireError(f"{path}: is a directory, not a text file") from None
+def _sink(output: Path | None, collect: list[str] | None):
+    """Where translate_file writes: the output file (atomically), nowhere when the caller only
+    collects the lines, or standard output."""
+    import contextlib
+    import io
+
+    if output is None and collect is not None:
+        return contextlib.nullcontext(io.StringIO())
+    return line_writer(output)
+
+
+def translate_and_score(translator: Translator, src: Path, ref: Path, options: DecodeOptions,
+                        output: Path | None = None, ter: bool = False, progress: bool = True
+                        ) -> dict[str, Any]:
+    """Translate `src` and score the translations against `ref` (`traduire eval --src`):
+    sacreBLEU's figures with a `speed` entry."""
+    references = read_text_lines(ref)
+    check_aligned(src, read_text_lines(src), ref, references)
+    hypotheses: list[str] = []
+    speed = translate_file(translator, str(src), output, options, collect=hypotheses,
+                           progress=progress)
+    return {**score(hypotheses, references, ter=ter), "speed": speed}
 
 
 def _as_record(result: Translation) -> dict:
     return {"source": result.source, "translation": result.best,
             "truncated": result.truncated,
             **({"confidence": result.confidence} if result.confidence is not None else {}),
-            "nbest": [{"translation": text, "logprob": round(h.logprob, 4),
-                       "score": round(h.score, 4),
-                       "probability": round(probability_percent(h.logprob), 6),
+            "nbest": [{"translation": c.text, "logprob": round(c.logprob, 4),
+                       "score": round(c.score, 4),
+                       "probability": round(100 * c.probability, 6),
                        "tokens": len(h.tokens) + 1}
-                      for text, h in zip(result.texts, result.hypotheses)]}
+                      for c, h in zip(result.candidates, result.hypotheses)]}
 
 
 def format_probabilities(result: Translation) -> str:
@@ -405,8 +403,8 @@ def format_probabilities(result: Translation) -> str:
     decimal, right-aligned; two significant digits below 0.05%, e.g. '1.0e-02%', so unlikely
     candidates can still be compared)."""
     lines = [f"  {result.source}"]
-    for text, h in zip(result.texts, result.hypotheses):
-        percent = probability_percent(h.logprob)
+    for candidate in result.candidates:
+        percent = 100 * candidate.probability
         shown = f"{percent:.1f}%" if percent >= 0.05 else f"{percent:.1e}%"
-        lines.append(f"{shown:>8}  {text}")  # "    3.1%  ...", "  100.0%  ...", "1.0e-02%  ..."
+        lines.append(f"{shown:>8}  {candidate.text}")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Tests for traduire.train: learning, the learning-rate schedule, and exact resumption."""
+"""Tests for traduire.training: learning, the learning-rate schedule, and exact resumption."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_settings, write_config, write_corpus
+from traduire.batch import collate
 from traduire.checkpoint import load_checkpoint, step_checkpoints
 from traduire.config import load_config
-from traduire.data import collate
 from traduire.pipeline import run
-from traduire.train import build_model, inverse_sqrt_lr
+from traduire.training import build_model, inverse_sqrt_lr
 
 PAD, BOS, EOS = 0, 2, 3
 
@@ -219,7 +219,7 @@ def train_records(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_decaying_schedules_warm_up_then_reach_min_lr(schedule, tiny_config_path):
-    from traduire.train import learning_rate
+    from traduire.training import learning_rate
 
     cfg = load_config(tiny_config_path, [f"train.schedule={schedule}", "train.lr=1e-3",
                                          "train.warmup_steps=10", "train.decay_steps=110",
@@ -247,9 +247,9 @@ def test_bf16_autocast_training_on_cpu_lowers_the_loss(tmp_path, tiny_config_pat
 @pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
 def test_auto_precision_is_bf16_only_on_native_hardware(tmp_path, tiny_config_path, capsys,
                                                         monkeypatch, native, expected):
-    import traduire.train
+    import traduire.device
 
-    monkeypatch.setattr(traduire.train, "native_bf16", lambda device: native)
+    monkeypatch.setattr(traduire.device, "native_bf16", lambda device: native)
     config = load_config(tiny_config_path, ["train.precision=auto", "train.max_steps=2"])
     run(config, tmp_path / "run")
     assert f"parameters on cpu, {expected}" in capsys.readouterr().err

@@ -1,0 +1,218 @@
+"""Speed paths: the places where traduire computes something differently from the textbook
+form because the textbook form measured slow on some hardware. Each computes the same function
+as the plain form (tests/test_kernels.py checks the equivalence); only speed differs. The
+measurements behind each choice are in its docstring and in docs/performance.md.
+
+  attention        explicit matrix products on CPU, torch's fused kernels on GPU
+  dropout          four 15-bit random numbers per 64-bit draw on CPU
+  top_per_row      top-k of wide rows through block maxima
+  configure_runtime  glibc allocator and oneDNN cache settings, for the command line
+
+Nothing here runs on import: `configure_runtime` is called by the command line (and by
+whoever embeds traduire and wants the same speed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# --- Attention ---------------------------------------------------------------------------------
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
+              causal: bool = False, dropout_p: float = 0.0, need_weights: bool = False
+              ) -> tuple[Tensor, Tensor | None]:
+    """softmax(q k^T / sqrt(d)) v for q (batch, heads, q_len, d) and k, v (batch, heads,
+    k_len, d). mask: boolean, broadcastable to (batch, heads, q_len, k_len), True where
+    attention is allowed. causal: query i sees keys up to i, aligned so that the last query
+    sees the last key (as in a cached decoding step). Returns the output and, if
+    need_weights, the weights.
+
+    Which computation: returning the weights needs the explicit one; so does speed on CPU,
+    where torch 2.13's fused kernels are slower than two matrix products and a softmax at
+    translation lengths: 2x in a one-query decoding step, and for a training forward and
+    backward of 290 sentences of 20 tokens 56 ms fused bf16 / 14 ms fused fp32 against 9 ms
+    explicit bf16 (Xeon with AMX). GPUs get the fused kernels (flash attention and friends).
+    """
+    explicit = need_weights or q.device.type == "cpu"
+    # The fused kernels know causality themselves (flash attention accepts no mask tensor),
+    # so a plain causal square gets is_causal rather than a mask.
+    is_causal = causal and mask is None and q.size(2) == k.size(2) and not explicit
+    if causal and not is_causal:
+        mask = causal_mask(q.size(2), k.size(2), q.device, mask)
+    if not explicit:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                             is_causal=is_causal)
+        return out, None
+    out, weights = explicit_attention(q, k, v, mask, dropout_p)
+    return out, weights if need_weights else None
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
+                       dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T / sqrt(d)) v step by step; also returns the weights. The softmax runs in
+    float32 whatever the inputs' precision."""
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return dropout(weights, dropout_p, dropout_p > 0).to(v.dtype) @ v, weights
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device, mask: Tensor | None = None
+                ) -> Tensor:
+    """Lower-triangular mask, aligned so the last query sees the last key (for cached steps)."""
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+    return causal if mask is None else mask & causal
+
+
+# --- Dropout -----------------------------------------------------------------------------------
+
+_RANDOM_BITS = 15  # per kept-or-dropped decision: p is honoured to within 2^-16
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p).
+
+    On CPU, torch's dropout draws one random number per element (bernoulli_), which took a
+    fifth of a bf16 training step of the Multi30k model (torch 2.13, Xeon with AMX). Here each
+    64-bit draw is cut into four 15-bit numbers, one per element: the same Bernoulli mask from
+    a quarter of the draws (bf16 training +13%, fp32 +5-8%). Elsewhere this is torch's dropout.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, training=True)
+    count = x.numel()
+    draws = torch.empty((count + 3) // 4, dtype=torch.int64).random_()
+    numbers = draws.view(torch.int16)[:count].view(x.shape) & (2**_RANDOM_BITS - 1)
+    keep = numbers >= round(p * 2**_RANDOM_BITS)
+    return torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout computed with `dropout` above."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+
+# --- Top-k -------------------------------------------------------------------------------------
+
+
+def top_per_row(scores: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor]:
+    """`scores.topk(k, dim=1)` for a wide (rows, vocab) matrix, about three times faster on CPU
+    (torch's topk over 8,000 entries took 15 ms for 1,350 rows, torch 2.13).
+
+    Cut each row into blocks and keep the k blocks with the highest maxima: a row's k best
+    entries lie in them, since a block holding one of them has a maximum at least the k-th
+    best, and at most k blocks can. The exact topk then runs on k * block entries, not vocab.
+    """
+    rows, vocab = scores.shape
+    if vocab <= 4 * k * block:
+        return scores.topk(k, dim=1)
+    padding = -vocab % block
+    if padding:
+        scores = F.pad(scores, (0, padding), value=float("-inf"))
+    blocks = scores.view(rows, -1, block)
+    best_blocks = blocks.amax(-1).topk(k, dim=1).indices  # (rows, k)
+    candidates = blocks.gather(1, best_blocks[:, :, None].expand(-1, -1, block))
+    values, within = candidates.view(rows, k * block).topk(k, dim=1)
+    return values, best_blocks.gather(1, within // block) * block + within % block
+
+
+# --- Process settings --------------------------------------------------------------------------
+
+# glibc's mallopt parameter numbers (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def configure_runtime() -> None:
+    """Process-wide settings that make PyTorch faster on CPUs, applied by the command line:
+    the oneDNN kernel cache and the glibc allocator (see below). Results are identical with or
+    without them. Call it early, before torch first computes in bf16, to get the same speed
+    from Python. TRADUIRE_SYSTEM_MALLOC=1 leaves the allocator alone."""
+    tune_onednn()
+    tune_allocator()
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in the process instead of returning it to the system at once.
+
+    glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on free. Logits
+    over an 8,000-piece vocabulary for a batch are such allocations, made and freed at every
+    training or decoding step, so each step pays a page fault per 4 KiB touched: copying or
+    exponentiating a 40 MB tensor took 15-20 ms instead of 2 (2-core Xeon, torch 2.13), and
+    beam search went from 66.6 to 83.0 sentences/s. Serving them from the heap and not
+    trimming it makes them reuse warm pages; peak memory is unchanged. Returns whether the
+    setting was applied (only on Linux with glibc, and not with TRADUIRE_SYSTEM_MALLOC=1).
+    """
+    if os.environ.get("TRADUIRE_SYSTEM_MALLOC") == "1" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def tune_onednn() -> None:
+    """bf16 matrix products on CPU go through oneDNN, which compiles a kernel per tensor shape
+    and keeps 1024 of them by default. Token-budget batches come in hundreds of shapes, so the
+    default cache thrashes and recompiles every step (about -10% bf16 training throughput); a
+    larger one keeps them all. The user's own value wins. oneDNN reads it when it first runs."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
+
+
+# --- Hardware ----------------------------------------------------------------------------------
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: an NVIDIA GPU of compute
+    capability 8.0 or newer (Ampere: bf16 tensor cores), or a CPU with AMX or AVX512-BF16.
+    Elsewhere bf16 is emulated and slower than fp32 (torch.cuda.is_bf16_supported() also says
+    yes for emulated bf16 on older GPUs, so it is not asked)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_capability(index) >= (8, 0)
+    if device.type != "cpu":
+        return False
+    return cpu_features()["amx"] or cpu_features()["avx512_bf16"]
+
+
+def cpu_features() -> dict[str, bool]:
+    """The CPU's vector extensions that decide which speed path wins, as torch sees them (an
+    ATEN_CPU_CAPABILITY=avx2 setting hides AVX-512 and AMX, to imitate an older CPU)."""
+    capability = torch.backends.cpu.get_cpu_capability().lower()  # "avx2", "avx512", ...
+    avx512 = capability.startswith("avx512")
+    try:  # private probes (torch >= 2.3); without them, assume no
+        amx = bool(torch.cpu._is_amx_tile_supported())
+        avx512_bf16 = bool(torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        amx = avx512_bf16 = False
+    return {"avx2": capability.startswith(("avx2", "avx512")), "avx512f": avx512,
+            "avx512_bf16": avx512 and avx512_bf16, "amx": avx512 and amx}
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for benchmark reports."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"

@@ -1,0 +1,421 @@
+"""The training loop: label-smoothed cross-entropy, Adam with a warmed-up learning rate,
+token-budgeted batches, periodic validation, and checkpoints that resume exactly.
+
+Data parallelism: every rank computes the same global batch order and takes its own slice of
+every global batch, and the loss is normalised by the global batch's target tokens, so the
+update does not depend on how many ranks share the work. Each rank draws its own dropout
+masks (rank 0 continues the stream of train.seed; rank r has a stream seeded by (seed, r)),
+and every rank's random state is saved, so a run resumed at the same world size continues
+exactly the run it interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from traduire import distributed
+from traduire.batch import (
+    Batch,
+    EncodedCorpus,
+    Prefetcher,
+    sentence_batches,
+    source_batch,
+    token_batches,
+    training_steps,
+)
+from traduire.checkpoint import (
+    TrainState,
+    load_latest,
+    prune_checkpoints,
+    rank_seed,
+    remove_leftovers,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    step_checkpoints,
+)
+from traduire.config import Config, TrainConfig, config_from_dict, parse_duration
+from traduire.device import AUTOCAST_DTYPES, resolve_device, training_precision
+from traduire.errors import CheckpointError, TraduireError
+from traduire.evaluate import score
+from traduire.model import Transformer, TransformerShape
+from traduire.monitor import ModelFlops, Monitor, Window, gpu_memory_gib, peak_flops
+from traduire.search import beam_search, greedy
+from traduire.tokenizer import Tokenizer
+
+
+def build_model(config: Config, tokenizer: Tokenizer) -> Transformer:
+    return Transformer(TransformerShape.from_config(
+        config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, tokenizer.pad_id))
+
+
+def inverse_sqrt_lr(step: int, peak: float, warmup: int) -> float:
+    """Linear warmup to `peak`, then decay with 1/sqrt(step) (Vaswani et al., section 5.3)."""
+    step = max(step, 1)
+    if step < warmup:
+        return peak * step / warmup
+    return peak * math.sqrt(max(warmup, 1) / step)
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of `step` (1-based) under the configured schedule, warmup included."""
+    if cfg.schedule == "inverse_sqrt":
+        return inverse_sqrt_lr(step, cfg.lr, cfg.warmup_steps)
+    step = max(step, 1)
+    if step < cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    end = cfg.decay_steps or cfg.max_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(end - cfg.warmup_steps, 1))
+    if cfg.schedule == "cosine":
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 - progress)
+
+
+class Trainer:
+    """Trains a model on an encoded corpus, writing checkpoints and metrics to a run directory."""
+
+    def __init__(self, config: Config, run_dir: Path, tokenizer: Tokenizer,
+                 train_data: EncodedCorpus, valid_data: EncodedCorpus) -> None:
+        self.config, self.cfg = config, config.train
+        self.run_dir, self.checkpoint_dir = Path(run_dir), Path(run_dir) / "checkpoints"
+        self.tokenizer, self.train_data, self.valid_data = tokenizer, train_data, valid_data
+        self.device = resolve_device(self.cfg.device)
+        self.dist = distributed.init(self.device.type)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
+        self.model = build_model(config, tokenizer).to(self.device)
+        if self.dist.rank > 0:
+            torch.manual_seed(rank_seed(self.cfg.seed, self.dist.rank))
+        self.net = DistributedDataParallel(self.model) if self.dist.enabled else self.model
+        if self.cfg.compile:
+            self.net = torch.compile(self.net)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr,
+                                          betas=self.cfg.adam_betas, eps=self.cfg.adam_eps,
+                                          weight_decay=self.cfg.weight_decay,
+                                          fused=True)  # one kernel, not ~10 per tensor
+        self.precision = training_precision(self.cfg.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.state = TrainState()
+        self.max_time = parse_duration(self.cfg.max_time) if self.cfg.max_time else math.inf
+        self.monitor = Monitor(self.run_dir, self.dist.is_main, self.cfg.progress,
+                               self.cfg.tensorboard)
+        self.signal_number = 0  # of the SIGINT/SIGTERM that asked this rank to stop
+        # Numbers computed on the device (loss, non-finite steps) are read every `read_every`
+        # steps: on a CPU reading costs nothing; on a GPU it waits for the queued work.
+        self.read_every = 1 if self.device.type == "cpu" else self.cfg.log_every
+        self.bad_in_a_row = torch.zeros((), device=self.device)
+        self.skipped = torch.zeros((), device=self.device)
+        self.grad_norm: torch.Tensor | None = None  # of the last step, when it was computed
+        self.flops = ModelFlops(self.model)
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> TrainState:
+        """Train until max_steps, max_epochs, max_time or early stopping; returns the final
+        state. SIGINT/SIGTERM reaching any rank end the run on every rank at the same step,
+        with one checkpoint, and raise TrainingInterrupted."""
+        self._resume()
+        if self._done():
+            self.monitor.info(f"nothing to do: training already reached its limit at step "
+                              f"{self.state.step}")
+            return self.state
+        self.monitor.info(
+            f"training {self.model.num_parameters():,} parameters on {self.device}"
+            + (f" x {self.dist.world_size} ranks" if self.dist.enabled else "")
+            + f", {self.precision}"
+            + (f", resuming at step {self.state.step}" if self.state.step else ""))
+        tok = self.tokenizer
+        steps = Prefetcher(training_steps(
+            self.train_data, self.cfg.batch_tokens, self.cfg.seed, self.state.epoch,
+            self.state.batch_in_epoch, self.dist.rank, self.dist.world_size, self.cfg.accumulate,
+            pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id), pin=self.device.type == "cuda")
+        with self._signals_handled(), self.monitor, steps:
+            stopped_by = self._loop(iter(steps))
+        if stopped_by:
+            raise TrainingInterrupted(signal.Signals(stopped_by).name, self.state.step,
+                                      self._latest_checkpoint())
+        return self.state
+
+    def _loop(self, steps) -> int:
+        """Train step after step; returns the signal that stopped the run (0: none)."""
+        window, start = Window(), time.monotonic() - self.state.elapsed
+        self.monitor.start(self.cfg.max_steps or None, self.state.step)
+        while True:
+            planned = next(steps)
+            loss = self._train_step(planned.parts, planned.tgt_lengths.sum())
+            self.state.batch_in_epoch = planned.index + 1
+            if self.state.batch_in_epoch == planned.epoch_batches:
+                self.state.epoch, self.state.batch_in_epoch = planned.epoch + 1, 0
+            self.state.elapsed = time.monotonic() - start
+            window.add(loss, int(planned.src_lengths.sum()), int(planned.tgt_lengths.sum()),
+                       self.flops(planned.src_lengths, planned.tgt_lengths))
+            self.monitor.advance(self.state.step)
+            done, stopped_by = distributed.any_rank([int(self._done()), self.signal_number])
+            step, stop = self.state.step, bool(done or stopped_by)
+            if step % self.read_every == 0 or stop:
+                self._read_bad_steps()
+            if step % self.cfg.log_every == 0 or stop:
+                self._log(window)
+                window = Window()
+            if (step % self.cfg.valid_every == 0 or stop) and not stopped_by:
+                stop = self._validate() or stop
+            if step % self.cfg.save_every == 0 or stop:
+                self._save()
+            if stop:
+                return stopped_by
+
+    def _train_step(self, parts: list[tuple[Batch, float]], total_tgt: int) -> torch.Tensor:
+        """One optimizer step on this rank's share of a global batch; returns this rank's
+        summed loss as a tensor on the device (not read here: reading waits for the GPU)."""
+        self.net.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (batch, weight) in enumerate(parts):
+            batch = batch.to(self.device)
+            last = i == len(parts) - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
+            with sync:
+                loss = self._loss(batch, self.cfg.label_smoothing)
+                # Normalised by the global batch's target tokens: the gradient then does not
+                # depend on how the batch is split between ranks and passes.
+                self.scaler.scale(loss * weight * self.dist.world_size / total_tgt).backward()
+            loss_sum = loss_sum + loss.detach() * weight
+        self._optimizer_step(loss_sum)
+        return loss_sum
+
+    def _loss(self, batch: Batch, label_smoothing: float) -> torch.Tensor:
+        """Summed cross-entropy over the batch's real target tokens."""
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = self.net(batch.src, batch.tgt_in)
+        return F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(),
+                               ignore_index=self.tokenizer.pad_id, reduction="sum",
+                               label_smoothing=label_smoothing)
+
+    def _optimizer_step(self, loss_sum: torch.Tensor) -> None:
+        """Update the weights, unless the loss or the gradients are not finite: such a step
+        would poison Adam's moments, so it is skipped (on the device, without waiting for it)
+        and counted."""
+        self.state.step += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.state.step, self.cfg)
+        bad = ~torch.isfinite(loss_sum)
+        self.grad_norm = None
+        if self.cfg.clip_norm > 0 or self.state.step % self.cfg.log_every == 0:
+            self.scaler.unscale_(self.optimizer)
+            self.grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None])
+            if self.cfg.clip_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(),
+                                                     self.cfg.clip_norm, self.grad_norm)
+        if not self.scaler.is_enabled():  # fp16's scaler skips non-finite gradients itself
+            self.optimizer.found_inf = bad.float()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += bad
+        self.bad_in_a_row = (self.bad_in_a_row + 1) * bad
+
+    def _read_bad_steps(self) -> None:
+        skipped, in_a_row = distributed.any_rank([int(self.skipped.item()),
+                                                  int(self.bad_in_a_row.item())])
+        self.state.skipped_steps, self.state.bad_steps_in_a_row = skipped, in_a_row
+        if in_a_row >= self.cfg.max_bad_steps:
+            raise TraduireError(
+                f"the loss was not finite for {in_a_row} steps in a row (step "
+                f"{self.state.step}); training stopped rather than learn garbage. Lower "
+                f"train.lr, use fp32 or bf16 instead of fp16, or check the data; the last good "
+                f"checkpoint is {self._latest_checkpoint()}")
+
+    def _done(self) -> bool:
+        c, s = self.cfg, self.state
+        return bool((c.max_steps and s.step >= c.max_steps)
+                    or (c.max_epochs and s.epoch >= c.max_epochs)
+                    or s.elapsed >= self.max_time
+                    or (c.patience and s.validations_without_improvement >= c.patience))
+
+    @contextlib.contextmanager
+    def _signals_handled(self):
+        """Turn SIGINT/SIGTERM into a request to stop after the current step."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if self.signal_number:  # a second Ctrl-C: stop now, the last checkpoint stands
+                raise KeyboardInterrupt
+            self.signal_number = signum
+            self.monitor.info(f"{signal.Signals(signum).name}: finishing step "
+                              f"{self.state.step + 1}, then saving")
+
+        previous = {sig: signal.signal(sig, request_stop)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # --- logging and validation ----------------------------------------------------------------
+
+    def _log(self, window: Window) -> None:
+        loss_sum, counted = distributed.all_reduce_sum(window.read())
+        record = {"step": self.state.step,
+                  "epoch": self.state.epoch + (self.state.batch_in_epoch > 0),
+                  "lr": learning_rate(self.state.step, self.cfg),
+                  **window.summary(loss_sum, counted / self.dist.world_size,
+                                   peak_flops(self.device), self.dist.world_size),
+                  "grad_norm": (round(float(self.grad_norm.item()), 4)
+                                if self.grad_norm is not None else None),
+                  "elapsed": round(self.state.elapsed, 1),
+                  "skipped_steps": self.state.skipped_steps, "gpu_mem_gib": gpu_memory_gib()}
+        self.monitor.train_record(record)
+
+    def _validate(self) -> bool:
+        """Validate, keep best.pt, and say whether early stopping says stop."""
+        if len(self.valid_data) == 0:
+            return False
+        loss, ppl = validate_loss(self.model, self.valid_data, self.tokenizer,
+                                  self.cfg.batch_tokens, self.precision, self.device)
+        record: dict[str, Any] = {"step": self.state.step, "valid_loss": round(loss, 4),
+                                  "valid_ppl": round(ppl, 3)}
+        if self.cfg.valid_bleu:
+            bleu = (validate_bleu(self.model, self.valid_data, self.tokenizer,
+                                  self.cfg.valid_bleu_sentences, self.cfg.valid_beam)
+                    if self.dist.is_main else 0.0)
+            record["valid_bleu"] = distributed.broadcast_value(bleu)
+        s = self.state
+        if self.cfg.best_metric == "bleu":
+            improved = record["valid_bleu"] > s.best_valid_bleu
+        else:
+            improved = loss < s.best_valid_loss
+        s.best_valid_loss = min(s.best_valid_loss, loss)
+        s.best_valid_bleu = max(s.best_valid_bleu, record.get("valid_bleu", -1.0))
+        s.validations_without_improvement = 0 if improved else s.validations_without_improvement + 1
+        record["best"] = improved
+        self.monitor.valid_record(record)
+        if improved:
+            self._save(self.run_dir / "best.pt")
+        if self.cfg.patience and s.validations_without_improvement >= self.cfg.patience:
+            self.monitor.info(f"early stopping: no improvement in {self.cfg.patience} "
+                              "validations")
+            return True
+        return False
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def _save(self, path: Path | None = None) -> None:
+        """Write a checkpoint (every rank takes part: each one's random state goes in it)."""
+        rng = distributed.all_gather(rng_state(self.device))
+        if self.dist.is_main:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
+                     "rng": rng, "config": self.config.to_dict(),
+                     "world_size": self.dist.world_size}
+            save_checkpoint(path or self.checkpoint_dir / f"step_{self.state.step:08d}.pt",
+                            state)
+            if path is None:
+                prune_checkpoints(self.checkpoint_dir, self.cfg.keep_last)
+            self.monitor.sync()
+        distributed.barrier()
+
+    def _resume(self) -> None:
+        """Continue from the newest readable checkpoint (a damaged one is reported and the one
+        before it used)."""
+        if self.dist.is_main:
+            remove_leftovers(self.run_dir)
+        state = load_latest(self.checkpoint_dir, self.device, self.monitor.warn)
+        if state is None:
+            return
+        if config_from_dict(state["config"]).model != self.config.model:
+            raise CheckpointError("checkpoint model settings differ from the config")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state.get("scaler", {}))
+        self.state = TrainState(**state["train_state"])
+        self.skipped.fill_(self.state.skipped_steps)
+        self.bad_in_a_row.fill_(self.state.bad_steps_in_a_row)
+        saved = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(saved) == self.dist.world_size or self.dist.rank == 0:
+            set_rng_state(saved[self.dist.rank], self.device)
+        else:  # another world size: a fresh stream of this rank's own (see the README)
+            torch.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.state.step))
+
+    def _latest_checkpoint(self) -> Path | None:
+        found = step_checkpoints(self.checkpoint_dir)
+        return found[-1] if found else None
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None) -> None:
+        super().__init__(f"{signal_name} at step {step}; checkpoint saved to {checkpoint}")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+
+# --- Validation --------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def validate_loss(model: Transformer, data: EncodedCorpus, tokenizer: Tokenizer,
+                  batch_tokens: int, precision: str = "fp32",
+                  device: torch.device | None = None) -> tuple[float, float]:
+    """Mean per-token negative log-likelihood of the validation pairs (no label smoothing),
+    and perplexity. Under torchrun each rank takes its share of the batches."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    ctx, tok = distributed.current(), tokenizer
+    dtype = AUTOCAST_DTYPES.get(precision)
+    nll, tokens = 0.0, 0
+    batches = token_batches(data.src_lens, data.tgt_lens, data.usable, batch_tokens, 0, 0)
+    for part in batches[ctx.rank::ctx.world_size]:
+        batch = data.batch(part, pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(batch.src, batch.tgt_in)
+        nll += F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(),
+                               ignore_index=tok.pad_id, reduction="sum").item()
+        tokens += batch.num_tgt_tokens
+    nll, tokens = distributed.all_reduce_sum([nll, tokens])
+    loss = nll / max(tokens, 1)
+    return loss, math.exp(min(loss, 100))
+
+
+@torch.inference_mode()
+def validation_translations(model: Transformer, data: EncodedCorpus, tokenizer: Tokenizer,
+                            sentences: int, beam: int = 1) -> list[str]:
+    """Translations of the first `sentences` validation pairs: greedy search for beam 1
+    (exactly search.greedy), else beam search with translate's defaults."""
+    model.eval()
+    device, tok = next(model.parameters()).device, tokenizer
+    indices = data.usable[:sentences]
+    src_ids = data.source_ids(indices)
+    texts: list[str] = [""] * len(src_ids)
+    for part in sentence_batches([len(s) for s in src_ids], batch_tokens=1 << 30, batch_size=64):
+        src = source_batch([src_ids[i] for i in part], pad=tok.pad_id, eos=tok.eos_id).to(device)
+        common = dict(bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id)
+        best = (greedy(model, src, **common) if beam == 1
+                else [hyps[0] for hyps in beam_search(model, src, beam=beam, **common)])
+        for i, text in zip(part, tok.decode_tgt([h.tokens for h in best])):
+            texts[i] = text
+    return texts
+
+
+def validate_bleu(model: Transformer, data: EncodedCorpus, tokenizer: Tokenizer,
+                  sentences: int, beam: int = 1) -> float:
+    """BLEU of `validation_translations` against their references."""
+    indices = data.usable[:sentences]
+    hypotheses = validation_translations(model, data, tokenizer, sentences, beam)
+    return score(hypotheses, data.texts(indices, "tgt"))["bleu"]

@@ -1,0 +1,252 @@
+"""Tests for traduire.batch: token-budgeted training batches, translation batches, padding,
+output limits and the stream of training steps."""
+
+from __future__ import annotations
+
+import itertools
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from traduire.batch import (
+    EncodedCorpus,
+    Prefetcher,
+    collate,
+    output_limits,
+    padded,
+    sentence_batches,
+    source_batch,
+    token_batches,
+    training_steps,
+)
+
+# --- batching ----------------------------------------------------------------------------------
+
+
+def random_lengths(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, 30, n), rng.integers(1, 30, n)
+
+
+def test_token_batches_cover_usable_indices_once_within_budget():
+    src, tgt = random_lengths(300, seed=1)
+    src[7] = 120  # longer than the budget allows two of
+    candidates = np.flatnonzero(np.arange(300) % 7 != 3)  # some pairs are not usable
+    batches = token_batches(src, tgt, candidates, batch_tokens=200, seed=3, epoch=0)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == candidates.tolist()
+    assert len(flat) == len(set(flat.tolist()))
+    for batch in batches:
+        assert len(batch) > 0
+        padded = max(src[batch].max(), tgt[batch].max()) * len(batch)
+        assert padded <= 200 or len(batch) == 1
+    assert any(len(b) == 1 and b[0] == 7 for b in batches)
+    # Batches are filled, not one sentence each.
+    assert len(batches) < len(candidates) / 3
+
+
+def test_token_batches_oversized_sentence_alone():
+    src, tgt = np.array([3, 500, 4, 2]), np.array([3, 2, 600, 2])
+    batches = token_batches(src, tgt, np.arange(4), batch_tokens=50, seed=0, epoch=0)
+    singles = {int(b[0]) for b in batches if len(b) == 1}
+    assert {1, 2} <= singles
+    assert sorted(np.concatenate(batches).tolist()) == [0, 1, 2, 3]
+
+
+def test_token_batches_group_similar_lengths():
+    lengths = np.array([2] * 50 + [20] * 50)
+    batches = token_batches(lengths, lengths, np.arange(100), batch_tokens=100, seed=0,
+                            epoch=0)
+    for batch in batches:
+        assert len(set(lengths[batch].tolist())) == 1  # no short sentence padded to 20
+
+
+def test_token_batches_deterministic_per_seed_and_epoch():
+    src, tgt = random_lengths(200, seed=2)
+    candidates = np.arange(200)
+
+    def as_lists(seed, epoch):
+        return [b.tolist() for b in token_batches(src, tgt, candidates, 150, seed, epoch)]
+
+    assert as_lists(1, 0) == as_lists(1, 0)
+    assert as_lists(1, 0) != as_lists(1, 1)
+    assert as_lists(1, 0) != as_lists(2, 0)
+    # A new epoch reshuffles the batch order and the tie-breaking within equal lengths.
+    assert {tuple(b) for b in as_lists(1, 0)} != {tuple(b) for b in as_lists(1, 1)}
+
+
+def test_token_batches_empty_candidates():
+    src, tgt = random_lengths(10, seed=3)
+    assert token_batches(src, tgt, np.array([], dtype=np.int64), 100, 0, 0) == []
+
+
+def test_collate_adds_specials_and_padding():
+    batch = collate([[5, 6, 7], [8]], [[9], [10, 11]], pad=0, bos=2, eos=3)
+    assert batch.src.tolist() == [[5, 6, 7, 3], [8, 3, 0, 0]]
+    assert batch.tgt_in.tolist() == [[2, 9, 0], [2, 10, 11]]
+    assert batch.tgt_out.tolist() == [[9, 3, 0], [10, 11, 3]]
+    assert batch.num_tgt_tokens == 5 and batch.num_src_tokens == 6
+    assert batch.src.dtype == torch.long
+    assert collate([], [], pad=0, bos=2, eos=3).src.shape == (0, 1)
+
+
+def test_encoded_corpus_lengths_and_max_len():
+    ds = datasets.Dataset.from_dict({
+        "src_ids": [[5, 6], [5, 6, 7, 8], [5]], "tgt_ids": [[9], [9], [9, 10, 11]],
+        "src_len": [2, 4, 1], "tgt_len": [1, 1, 3]})
+    corpus = EncodedCorpus(ds, max_len=4)
+    assert corpus.src_lens.tolist() == [3, 5, 2]  # + EOS
+    assert corpus.tgt_lens.tolist() == [2, 2, 4]
+    assert corpus.usable.tolist() == [0, 2]
+    assert len(corpus) == 2
+    batch = corpus.batch(np.array([2, 0]), pad=0, bos=2, eos=3)
+    assert batch.src.tolist() == [[5, 3, 0], [5, 6, 3]]
+    assert batch.tgt_out.tolist() == [[9, 10, 11, 3], [9, 3, 0, 0]]
+    assert corpus.source_ids(np.array([1])) == [[5, 6, 7, 8]]
+    assert len(EncodedCorpus(ds)) == 3
+
+
+def packed_one_by_one(sizes: np.ndarray, budget: int) -> list[int]:
+    """The packing rule written as the plain loop over sentences: the oracle for the
+    vectorised one."""
+    starts, start, longest = [0] if len(sizes) else [], 0, 0
+    for i, size in enumerate(sizes):
+        longest_with_i = max(longest, size)
+        if i > start and longest_with_i * (i - start + 1) > budget:
+            starts.append(i)
+            start, longest_with_i = i, size
+        longest = longest_with_i
+    return starts
+
+
+@pytest.mark.parametrize("budget", [1, 7, 64, 300, 4096])
+def test_token_batches_pack_exactly_as_the_sentence_by_sentence_rule(budget):
+    rng = np.random.default_rng(budget)
+    src, tgt = rng.integers(1, 90, 2000), rng.integers(1, 90, 2000)
+    src[::97] = 500  # some longer than small budgets
+    candidates = np.flatnonzero(rng.random(2000) < 0.9)
+    batches = token_batches(src, tgt, candidates, budget, seed=5, epoch=2)
+    # Undo the shuffle of the batches: sorted by their position in the length order.
+    rng_check = np.random.default_rng([5, 2])
+    tie_break = rng_check.permutation(len(candidates))
+    order = candidates[np.lexsort((tie_break, src[candidates], tgt[candidates]))]
+    position = {int(index): p for p, index in enumerate(order)}
+    starts = sorted(position[int(b[0])] for b in batches)
+    sizes = np.maximum(src[order], tgt[order])
+    assert starts == packed_one_by_one(sizes, budget)
+    for batch in batches:  # each batch is a contiguous run of the length order
+        positions = [position[int(i)] for i in batch]
+        assert positions == list(range(positions[0], positions[0] + len(batch)))
+
+
+def test_sentence_batches_cover_every_sentence_within_the_limits():
+    lengths = [5, 1, 9, 3, 3, 7, 0, 12, 2]
+    batches = list(sentence_batches(lengths, batch_tokens=20, batch_size=3))
+    assert sorted(itertools.chain(*batches)) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 3
+        assert max(lengths[i] + 1 for i in batch) * len(batch) <= 20 or len(batch) == 1
+    firsts = [lengths[b[0]] for b in batches]
+    assert firsts == sorted(firsts)  # shortest first
+    assert list(sentence_batches([], 10)) == []
+    assert list(sentence_batches([50], 10)) == [[0]]  # too long for the budget: alone
+
+
+def test_padded_prepends_and_appends():
+    values, lengths = np.array([4, 5, 6, 7]), np.array([3, 0, 1])
+    assert padded(values, lengths, pad=0).tolist() == [[4, 5, 6], [0, 0, 0], [7, 0, 0]]
+    assert padded(values, lengths, pad=0, first=2, last=3).tolist() == [
+        [2, 4, 5, 6, 3], [2, 3, 0, 0, 0], [2, 7, 3, 0, 0]]
+    assert source_batch([[4, 5], []], pad=0, eos=3).tolist() == [[4, 5, 3], [3, 0, 0]]
+
+
+def test_output_limit_of_a_sentence_depends_on_it_alone():
+    src = source_batch([[5] * 3, [5] * 40, [5] * 9], pad=0, eos=3)
+    limits = output_limits(src, pad=0, a=1.5, b=2, max_positions=50).tolist()
+    assert limits == [int(1.5 * 4 + 2), 49, int(1.5 * 10 + 2)]  # n counts EOS; capped at 49
+    for row in range(3):
+        alone = source_batch([[5] * [3, 40, 9][row]], pad=0, eos=3)
+        assert output_limits(alone, 0, 1.5, 2, 50).tolist() == [limits[row]]
+
+
+def toy_corpus(n: int = 60, seed: int = 0) -> EncodedCorpus:
+    rng = np.random.default_rng(seed)
+    src = [rng.integers(4, 30, rng.integers(1, 12)).tolist() for _ in range(n)]
+    tgt = [rng.integers(4, 30, rng.integers(1, 12)).tolist() for _ in range(n)]
+    return EncodedCorpus(datasets.Dataset.from_dict({
+        "src_ids": src, "tgt_ids": tgt, "src_len": [len(s) for s in src],
+        "tgt_len": [len(t) for t in tgt]}))
+
+
+def steps_from(corpus, epoch, index, count, rank=0, world_size=1, accumulate=1, prefetch=False):
+    stream = training_steps(corpus, 60, 3, epoch, index, rank, world_size, accumulate,
+                            pad=0, bos=2, eos=3)
+    if prefetch:
+        with Prefetcher(stream, depth=2) as ahead:
+            return list(itertools.islice(iter(ahead), count))
+    return list(itertools.islice(stream, count))
+
+
+def signature(step) -> tuple:
+    return (step.epoch, step.index, step.epoch_batches,
+            tuple((b.src.tolist(), b.tgt_in.tolist(), b.tgt_out.tolist(), w)
+                  for b, w in step.parts))
+
+
+def test_training_steps_run_across_epochs_and_resume_where_they_stopped():
+    corpus = toy_corpus()
+    steps = steps_from(corpus, 0, 0, 40)
+    epoch_batches = steps[0].epoch_batches
+    assert 5 < epoch_batches < 40  # the 40 steps cross an epoch boundary
+    assert [s.epoch for s in steps] == [i // epoch_batches for i in range(40)]
+    assert [s.index for s in steps] == [i % epoch_batches for i in range(40)]
+    # Each epoch covers the corpus once.
+    first_epoch = [s for s in steps if s.epoch == 0]
+    assert sum(len(s.src_lengths) for s in first_epoch) == len(corpus)
+    # Resuming at any position gives the steps the stream would have given from there.
+    for at in (3, epoch_batches - 1, epoch_batches, epoch_batches + 2):
+        resumed = steps_from(corpus, steps[at].epoch, steps[at].index, 40 - at)
+        assert [signature(s) for s in resumed] == [signature(s) for s in steps[at:]]
+
+
+def test_ranks_and_passes_split_each_global_batch_between_them():
+    corpus = toy_corpus()
+    whole = steps_from(corpus, 0, 0, 12)
+    shares = [steps_from(corpus, 0, 0, 12, rank=r, world_size=2, accumulate=2) for r in (0, 1)]
+    for i, step in enumerate(whole):
+        rows = [b.src.tolist() for b, _ in step.parts][0]
+        parts = [p for share in shares for p in share[i].parts]
+        assert len(parts) == 4
+        real = [row for b, w in parts if w > 0 for row in b.src.tolist()]
+        # The four slices hold the global batch's sentences once each (padding aside).
+        strip = lambda row: [t for t in row if t != 0]  # noqa: E731
+        assert sorted(map(strip, real)) == sorted(map(strip, rows))
+        assert all(np.array_equal(share[i].src_lengths, step.src_lengths) for share in shares)
+
+
+def test_prefetcher_yields_exactly_the_plain_steps():
+    corpus = toy_corpus()
+    plain = steps_from(corpus, 0, 0, 30)
+    ahead = steps_from(corpus, 0, 0, 30, prefetch=True)
+    assert [signature(s) for s in ahead] == [signature(s) for s in plain]
+    at = plain[0].epoch_batches - 2  # a resume just before an epoch boundary
+    resumed = steps_from(corpus, plain[at].epoch, plain[at].index, 10, prefetch=True)
+    assert [signature(s) for s in resumed] == [signature(s) for s in plain[at:at + 10]]
+
+
+def test_prefetcher_passes_errors_on_and_stops_its_thread():
+    def failing():
+        yield "first"
+        raise ValueError("bad row")
+
+    with Prefetcher(failing()) as ahead:
+        items = iter(ahead)
+        assert next(items) == "first"
+        with pytest.raises(ValueError, match="bad row"):
+            next(items)
+    endless = Prefetcher(itertools.count(), depth=1)
+    assert next(iter(endless)) == 0
+    endless.close()
+    assert not endless._thread.is_alive()
