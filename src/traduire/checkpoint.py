@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from traduire.config import Config, config_from_dict
 from traduire.errors import CheckpointError
 from traduire.files import atomic_write_bytes
 
@@ -64,6 +65,37 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """A seed for rank `rank`'s own random stream, derived from train.seed (and, for a resume
     at another world size, the step), so that ranks never draw the same dropout masks."""
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def training_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scaler: torch.amp.GradScaler, state: TrainState,
+                        rng: list[dict[str, torch.Tensor]], config: Config) -> dict[str, Any]:
+    """Everything a run needs to continue: `rng` holds every rank's random state, by rank."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "train_state": vars(state).copy(), "rng": rng,
+            "config": config.to_dict(), "world_size": len(rng)}
+
+
+def restore_training(saved: dict[str, Any], model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     config: Config, rank: int, world_size: int, device: torch.device
+                     ) -> TrainState:
+    """Load a training checkpoint into the model, optimizer and scaler, and this rank's random
+    state: its own if the checkpoint was written at the same world size (so the run continues
+    exactly), else a fresh stream of its own derived from (seed, rank, step): the batches are
+    the same at any world size, the dropout masks are not."""
+    if config_from_dict(saved["config"]).model != config.model:
+        raise CheckpointError("checkpoint model settings differ from the config")
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scaler.load_state_dict(saved.get("scaler", {}))
+    state = TrainState(**saved["train_state"])
+    rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
+    if len(rngs) == world_size or rank == 0:
+        set_rng_state(rngs[rank], device)
+    else:
+        torch.manual_seed(rank_seed(config.train.seed, rank, state.step))
+    return state
 
 
 # --- Checkpoints -------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -158,6 +160,35 @@ def run_on_main(work: Callable[[], None], status_file: Path, ctx: Context,
             last_said = time.monotonic()
             say(f"rank {ctx.rank}: waiting for rank 0 to prepare the data and tokenizer "
                 f"({(last_said - started) / 60:.0f} min)")
+
+
+class StopRequest:
+    """SIGINT/SIGTERM turned into a request to stop after the current step (while in the
+    `with` block). The training loop passes `signal_number` through `any_rank` at every
+    step, so a signal that reaches any rank stops every rank at the same step. A second
+    SIGINT stops at once (the last checkpoint stands)."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.signal_number = 0
+        self._say = say
+        self._previous: dict[int, Any] = {}
+
+    def _request(self, signum: int, frame: Any) -> None:
+        if self.signal_number:
+            raise KeyboardInterrupt
+        self.signal_number = signum
+        self._say(f"{signal.Signals(signum).name}: finishing the current step, then saving")
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signals go to it only
+            self._previous = {sig: signal.signal(sig, self._request)
+                              for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def _write_status(path: Path, token: str, state: str, message: str) -> None:

@@ -1,16 +1,26 @@
-"""Translation quality as the field reports it: sacreBLEU's BLEU, chrF (and optionally TER)
-with default settings on detokenised text, each with its signature so a score can be
-reproduced and compared (Post, 2018, "A Call for Clarity in Reporting BLEU Scores")."""
+"""How good a model is: sacreBLEU's BLEU, chrF (and optionally TER) with default settings on
+detokenised text, each with its signature so a score can be reproduced and compared (Post,
+2018, "A Call for Clarity in Reporting BLEU Scores"); and the validation figures of training,
+loss and BLEU, as functions a notebook can call on any model and validation set."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from sacrebleu.metrics import BLEU, CHRF, TER
 
+from traduire import distributed
+from traduire.batch import EncodedCorpus, sentence_batches, source_batch, token_batches
+from traduire.device import AUTOCAST_DTYPES
 from traduire.errors import DataError
 from traduire.files import read_text_lines
+from traduire.model import Transformer
+from traduire.search import beam_search, greedy
+from traduire.tokenizer import Tokenizer
 
 
 def score(hypotheses: list[str], references: list[str], ter: bool = False) -> dict[str, Any]:
@@ -62,3 +72,58 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"decoding: {speed['sentences_per_s']:.1f} sentences/s, "
                      f"{speed['tokens_per_s']:.0f} target tokens/s ({speed['seconds']:.1f}s)")
     return lines
+
+
+# --- Validation --------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def validate_loss(model: Transformer, data: EncodedCorpus, tokenizer: Tokenizer,
+                  batch_tokens: int, precision: str = "fp32",
+                  device: torch.device | None = None) -> tuple[float, float]:
+    """Mean per-token negative log-likelihood of the validation pairs (no label smoothing),
+    and perplexity. Under torchrun each rank takes its share of the batches."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    ctx, tok = distributed.current(), tokenizer
+    dtype = AUTOCAST_DTYPES.get(precision)
+    nll, tokens = 0.0, 0
+    batches = token_batches(data.src_lens, data.tgt_lens, data.usable, batch_tokens, 0, 0)
+    for part in batches[ctx.rank::ctx.world_size]:
+        batch = data.batch(part, pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(batch.src, batch.tgt_in)
+        nll += F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(),
+                               ignore_index=tok.pad_id, reduction="sum").item()
+        tokens += batch.num_tgt_tokens
+    nll, tokens = distributed.all_reduce_sum([nll, tokens])
+    loss = nll / max(tokens, 1)
+    return loss, math.exp(min(loss, 100))
+
+
+@torch.inference_mode()
+def validation_translations(model: Transformer, data: EncodedCorpus, tokenizer: Tokenizer,
+                            sentences: int, beam: int = 1) -> list[str]:
+    """Translations of the first `sentences` validation pairs: greedy search for beam 1
+    (exactly search.greedy), else beam search with translate's defaults."""
+    model.eval()
+    device, tok = next(model.parameters()).device, tokenizer
+    indices = data.usable[:sentences]
+    src_ids = data.source_ids(indices)
+    texts: list[str] = [""] * len(src_ids)
+    for part in sentence_batches([len(s) for s in src_ids], batch_tokens=1 << 30, batch_size=64):
+        src = source_batch([src_ids[i] for i in part], pad=tok.pad_id, eos=tok.eos_id).to(device)
+        common = dict(bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id)
+        best = (greedy(model, src, **common) if beam == 1
+                else [hyps[0] for hyps in beam_search(model, src, beam=beam, **common)])
+        for i, text in zip(part, tok.decode_tgt([h.tokens for h in best])):
+            texts[i] = text
+    return texts
+
+
+def validate_bleu(model: Transformer, data: EncodedCorpus, tokenizer: Tokenizer,
+                  sentences: int, beam: int = 1) -> float:
+    """BLEU of `validation_translations` against their references."""
+    indices = data.usable[:sentences]
+    hypotheses = validation_translations(model, data, tokenizer, sentences, beam)
+    return score(hypotheses, data.texts(indices, "tgt"))["bleu"]

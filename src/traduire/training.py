@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,6 @@ from traduire.batch import (
     Batch,
     EncodedCorpus,
     Prefetcher,
-    sentence_batches,
-    source_batch,
-    token_batches,
     training_steps,
 )
 from traduire.checkpoint import (
@@ -39,18 +35,18 @@ from traduire.checkpoint import (
     prune_checkpoints,
     rank_seed,
     remove_leftovers,
+    restore_training,
     rng_state,
     save_checkpoint,
-    set_rng_state,
     step_checkpoints,
+    training_checkpoint,
 )
-from traduire.config import Config, TrainConfig, config_from_dict, parse_duration
+from traduire.config import Config, TrainConfig, parse_duration
 from traduire.device import AUTOCAST_DTYPES, resolve_device, training_precision
-from traduire.errors import CheckpointError, TraduireError
-from traduire.evaluate import score
+from traduire.errors import TraduireError
+from traduire.evaluate import validate_bleu, validate_loss
 from traduire.model import Transformer, TransformerShape
 from traduire.monitor import ModelFlops, Monitor, Window, gpu_memory_gib, peak_flops
-from traduire.search import beam_search, greedy
 from traduire.tokenizer import Tokenizer
 
 
@@ -112,7 +108,7 @@ class Trainer:
         self.max_time = parse_duration(self.cfg.max_time) if self.cfg.max_time else math.inf
         self.monitor = Monitor(self.run_dir, self.dist.is_main, self.cfg.progress,
                                self.cfg.tensorboard)
-        self.signal_number = 0  # of the SIGINT/SIGTERM that asked this rank to stop
+        self.stop_request = distributed.StopRequest(self.monitor.info)
         # Numbers computed on the device (loss, non-finite steps) are read every `read_every`
         # steps: on a CPU reading costs nothing; on a GPU it waits for the queued work.
         self.read_every = 1 if self.device.type == "cpu" else self.cfg.log_every
@@ -142,7 +138,7 @@ class Trainer:
             self.train_data, self.cfg.batch_tokens, self.cfg.seed, self.state.epoch,
             self.state.batch_in_epoch, self.dist.rank, self.dist.world_size, self.cfg.accumulate,
             pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id), pin=self.device.type == "cuda")
-        with self._signals_handled(), self.monitor, steps:
+        with self.stop_request, self.monitor, steps:
             stopped_by = self._loop(iter(steps))
         if stopped_by:
             raise TrainingInterrupted(signal.Signals(stopped_by).name, self.state.step,
@@ -163,7 +159,8 @@ class Trainer:
             window.add(loss, int(planned.src_lengths.sum()), int(planned.tgt_lengths.sum()),
                        self.flops(planned.src_lengths, planned.tgt_lengths))
             self.monitor.advance(self.state.step)
-            done, stopped_by = distributed.any_rank([int(self._done()), self.signal_number])
+            done, stopped_by = distributed.any_rank([int(self._done()),
+                                                     self.stop_request.signal_number])
             step, stop = self.state.step, bool(done or stopped_by)
             if step % self.read_every == 0 or stop:
                 self._read_bad_steps()
@@ -246,28 +243,6 @@ class Trainer:
                     or s.elapsed >= self.max_time
                     or (c.patience and s.validations_without_improvement >= c.patience))
 
-    @contextlib.contextmanager
-    def _signals_handled(self):
-        """Turn SIGINT/SIGTERM into a request to stop after the current step."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def request_stop(signum, frame):
-            if self.signal_number:  # a second Ctrl-C: stop now, the last checkpoint stands
-                raise KeyboardInterrupt
-            self.signal_number = signum
-            self.monitor.info(f"{signal.Signals(signum).name}: finishing step "
-                              f"{self.state.step + 1}, then saving")
-
-        previous = {sig: signal.signal(sig, request_stop)
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
     # --- logging and validation ----------------------------------------------------------------
 
     def _log(self, window: Window) -> None:
@@ -320,12 +295,9 @@ class Trainer:
         """Write a checkpoint (every rank takes part: each one's random state goes in it)."""
         rng = distributed.all_gather(rng_state(self.device))
         if self.dist.is_main:
-            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
-                     "rng": rng, "config": self.config.to_dict(),
-                     "world_size": self.dist.world_size}
             save_checkpoint(path or self.checkpoint_dir / f"step_{self.state.step:08d}.pt",
-                            state)
+                            training_checkpoint(self.model, self.optimizer, self.scaler,
+                                                self.state, rng, self.config))
             if path is None:
                 prune_checkpoints(self.checkpoint_dir, self.cfg.keep_last)
             self.monitor.sync()
@@ -336,22 +308,13 @@ class Trainer:
         before it used)."""
         if self.dist.is_main:
             remove_leftovers(self.run_dir)
-        state = load_latest(self.checkpoint_dir, self.device, self.monitor.warn)
-        if state is None:
-            return
-        if config_from_dict(state["config"]).model != self.config.model:
-            raise CheckpointError("checkpoint model settings differ from the config")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state.get("scaler", {}))
-        self.state = TrainState(**state["train_state"])
-        self.skipped.fill_(self.state.skipped_steps)
-        self.bad_in_a_row.fill_(self.state.bad_steps_in_a_row)
-        saved = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-        if len(saved) == self.dist.world_size or self.dist.rank == 0:
-            set_rng_state(saved[self.dist.rank], self.device)
-        else:  # another world size: a fresh stream of this rank's own (see the README)
-            torch.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.state.step))
+        saved = load_latest(self.checkpoint_dir, self.device, self.monitor.warn)
+        if saved is not None:
+            self.state = restore_training(saved, self.model, self.optimizer, self.scaler,
+                                          self.config, self.dist.rank, self.dist.world_size,
+                                          self.device)
+            self.skipped.fill_(self.state.skipped_steps)
+            self.bad_in_a_row.fill_(self.state.bad_steps_in_a_row)
 
     def _latest_checkpoint(self) -> Path | None:
         found = step_checkpoints(self.checkpoint_dir)
@@ -364,58 +327,3 @@ class TrainingInterrupted(Exception):
     def __init__(self, signal_name: str, step: int, checkpoint: Path | None) -> None:
         super().__init__(f"{signal_name} at step {step}; checkpoint saved to {checkpoint}")
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
-
-
-# --- Validation --------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def validate_loss(model: Transformer, data: EncodedCorpus, tokenizer: Tokenizer,
-                  batch_tokens: int, precision: str = "fp32",
-                  device: torch.device | None = None) -> tuple[float, float]:
-    """Mean per-token negative log-likelihood of the validation pairs (no label smoothing),
-    and perplexity. Under torchrun each rank takes its share of the batches."""
-    model.eval()
-    device = device or next(model.parameters()).device
-    ctx, tok = distributed.current(), tokenizer
-    dtype = AUTOCAST_DTYPES.get(precision)
-    nll, tokens = 0.0, 0
-    batches = token_batches(data.src_lens, data.tgt_lens, data.usable, batch_tokens, 0, 0)
-    for part in batches[ctx.rank::ctx.world_size]:
-        batch = data.batch(part, pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id).to(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(batch.src, batch.tgt_in)
-        nll += F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(),
-                               ignore_index=tok.pad_id, reduction="sum").item()
-        tokens += batch.num_tgt_tokens
-    nll, tokens = distributed.all_reduce_sum([nll, tokens])
-    loss = nll / max(tokens, 1)
-    return loss, math.exp(min(loss, 100))
-
-
-@torch.inference_mode()
-def validation_translations(model: Transformer, data: EncodedCorpus, tokenizer: Tokenizer,
-                            sentences: int, beam: int = 1) -> list[str]:
-    """Translations of the first `sentences` validation pairs: greedy search for beam 1
-    (exactly search.greedy), else beam search with translate's defaults."""
-    model.eval()
-    device, tok = next(model.parameters()).device, tokenizer
-    indices = data.usable[:sentences]
-    src_ids = data.source_ids(indices)
-    texts: list[str] = [""] * len(src_ids)
-    for part in sentence_batches([len(s) for s in src_ids], batch_tokens=1 << 30, batch_size=64):
-        src = source_batch([src_ids[i] for i in part], pad=tok.pad_id, eos=tok.eos_id).to(device)
-        common = dict(bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id)
-        best = (greedy(model, src, **common) if beam == 1
-                else [hyps[0] for hyps in beam_search(model, src, beam=beam, **common)])
-        for i, text in zip(part, tok.decode_tgt([h.tokens for h in best])):
-            texts[i] = text
-    return texts
-
-
-def validate_bleu(model: Transformer, data: EncodedCorpus, tokenizer: Tokenizer,
-                  sentences: int, beam: int = 1) -> float:
-    """BLEU of `validation_translations` against their references."""
-    indices = data.usable[:sentences]
-    hypotheses = validation_translations(model, data, tokenizer, sentences, beam)
-    return score(hypotheses, data.texts(indices, "tgt"))["bleu"]
