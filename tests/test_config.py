@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,17 @@ def test_bound_keys_are_train_keys():
     assert BOUND_KEYS <= names
     # Keys that change what training computes must not be bound keys.
     assert not {"lr", "seed", "batch_tokens", "warmup_steps", "label_smoothing"} & BOUND_KEYS
+
+
+@pytest.mark.parametrize("text", ["train: {lr: .nan}", "train: {lr: .inf}", "train: {lr: nan}",
+                                  "model: {dropout: -.inf}", "train: {adam_betas: [0.9, .nan]}",
+                                  "train: {clip_norm: inf}"])
+def test_not_a_number_and_infinity_are_refused(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: {{dir: x}}\n{text}\n")
+    key = text.split(":")[0] + "." + text.split("{")[1].split(":")[0]
+    with pytest.raises(ConfigError, match=rf"c.yaml: '{re.escape(key)}' must be a finite number"):
+        load_config(path)
+    value = text.split(": ", 2)[2].rstrip("}")
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        load_config(None, ["data.dir=x", f"{key}={value}"])

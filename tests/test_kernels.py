@@ -3,10 +3,16 @@ and the process settings are applied only when asked for."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from traduire import kernels
 from traduire.kernels import Dropout, causal_mask, dropout, explicit_attention, top_per_row
 
 # --- attention ---------------------------------------------------------------------------------
@@ -90,3 +96,48 @@ def test_top_per_row_equals_topk(rows: int, vocab: int, k: int) -> None:
     torch.testing.assert_close(scores.gather(1, index), expected.values)
     finite = expected.values.isfinite()
     assert torch.equal(index[finite], expected.indices[finite])
+
+
+# --- hardware and process settings -------------------------------------------------------------
+
+
+def test_bf16_is_native_on_ampere_and_newer_gpus_only_asking_about_the_device_in_use(
+        monkeypatch):
+    asked = []
+    capabilities = {0: (7, 5), 1: (8, 0), 2: (9, 0)}  # Turing emulates bf16; Ampere, Hopper
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda index: asked.append(index) or capabilities[index])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # not asked
+    assert not kernels.native_bf16(torch.device("cuda", 0))
+    assert kernels.native_bf16(torch.device("cuda", 1))
+    assert kernels.native_bf16(torch.device("cuda"))  # the current device: 2
+    assert asked == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("amx", "avx512_bf16", "native"), [(True, False, True),
+                                                           (False, True, True),
+                                                           (False, False, False)])
+def test_bf16_on_cpu_follows_the_cpu_probes(monkeypatch, amx, avx512_bf16, native):
+    monkeypatch.setattr(kernels, "cpu_features", lambda: {"avx2": True, "avx512f": True,
+                                                          "amx": amx,
+                                                          "avx512_bf16": avx512_bf16})
+    assert kernels.native_bf16(torch.device("cpu")) is native
+
+
+def test_an_avx2_capability_hides_avx512_and_amx():
+    probe = ("import json; from traduire.kernels import cpu_features; "
+             "print(json.dumps(cpu_features()))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            env={"ATEN_CPU_CAPABILITY": "avx2", "PATH": "/usr/bin:/bin"},
+                            timeout=120)
+    features = json.loads(result.stdout)
+    assert features == {"avx2": True, "avx512f": False, "avx512_bf16": False, "amx": False}
+
+
+def test_allocator_setting_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("TRADUIRE_SYSTEM_MALLOC", "1")
+    assert kernels.tune_allocator() is False
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
+    kernels.tune_onednn()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"  # the user's value wins

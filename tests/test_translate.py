@@ -15,7 +15,13 @@ from traduire.cli import app
 from traduire.device import decoding_precision
 from traduire.errors import TraduireError
 from traduire.search import Hypothesis
-from traduire.translate import DecodeOptions, Translation, Translator, format_probabilities
+from traduire.translate import (
+    DecodeOptions,
+    Translation,
+    Translator,
+    format_probabilities,
+    translate_file,
+)
 
 CPU = torch.device("cpu")
 SOURCES = ["the dog runs", "a man in a red shirt", "", "two children play in the water"]
@@ -77,3 +83,65 @@ def test_probability_table_reads_like_a_textbook():
         "1.0e-02%  Chien.",
         "  100.0%  Oui.",
     ]
+
+
+# --- output limits -----------------------------------------------------------------------------
+
+
+def test_a_sentence_output_limit_depends_on_itself_not_on_its_neighbours(small_run, tmp_path):
+    """One line longer than the model's positions among short ones: each short line gets
+    the same translation (and never more tokens than its own limit) whatever batch it is in."""
+    translator = Translator.load(small_run[1], device="cpu", precision="fp32")
+    short = ["the dog runs", "a big cat sleeps here now", "the bird", "a horse eats today"]
+    very_long = " ".join(["the small red bird sings"] * 30)  # cut to the model's 31 tokens
+    options = dict(beam=2, max_len_a=1.0, max_len_b=0)  # a limit that bites at every length
+    alone = [translator.translate([line], **options)[0] for line in short]
+    limits = [len(ids) + 1 for ids in translator.encode(short)[0]]  # int(1.0 * n + 0)
+    for hyps, limit in zip(translator.translate_ids(translator.encode(short)[0],
+                                                    DecodeOptions(**options)), limits):
+        assert len(hyps[0].tokens) <= limit
+    lines = short[:2] + [very_long] + short[2:]
+    for batch_size in (1, 2, 3, 5):
+        together = translator.translate(lines, batch_size=batch_size, **options)
+        assert together[:2] + together[3:] == alone, batch_size
+    (tmp_path / "in.en").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out.fr"
+    translate_file(translator, str(tmp_path / "in.en"), out, DecodeOptions(**options),
+                   progress=False)
+    written = out.read_text(encoding="utf-8").split("\n")
+    assert written[:2] + written[3:5] == alone and written[5:] == [""]
+
+
+# --- the Python API ----------------------------------------------------------------------------
+
+
+def test_the_python_api_translates_scores_and_shows_attention(small_run):
+    import traduire
+
+    t = traduire.Translator.load(small_run[1])
+    assert t is not None and traduire.Translator is Translator
+    best = t.translate(["the dog runs", "", "a cat sleeps"])
+    assert len(best) == 3 and all(isinstance(s, str) for s in best) and best[1] == ""
+    assert t.translate("the dog runs") == best[:1]
+    nbest = t.translate(["the dog runs"], beam=4, nbest=3)[0]
+    assert len(nbest) == 3 and nbest[0].text == best[0]
+    assert [c.score for c in nbest] == sorted((c.score for c in nbest), reverse=True)
+    for candidate in nbest:
+        assert candidate.probability == pytest.approx(math.exp(candidate.logprob))
+    scored = t.score(["the dog runs"], [best[0]])[0]
+    assert scored.target == best[0] and scored.logprob <= 0
+    row = t.attention("the dog runs", token="dog")
+    assert row["word"] == "dog" and [w for w, _ in row["average"]] == ["the", "dog", "runs",
+                                                                        "</s>"]
+    assert sum(weight for _, weight in row["average"]) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(TraduireError, match="--nbest 3 cannot exceed --beam 2"):
+        t.translate(["x"], beam=2, nbest=3)
+
+
+def test_training_from_python(tmp_path, tiny_config_path):
+    import traduire
+
+    state = traduire.train(tiny_config_path, tmp_path / "run", overrides=["train.max_steps=3"])
+    assert state.step == 3
+    assert traduire.train(tiny_config_path, tmp_path / "run",
+                          overrides=["train.max_steps=5"]).step == 5
