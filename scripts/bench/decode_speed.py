@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, machine, peak_rss_mib, print_table  # noqa: E402
 
-from traduire.evaluate import read_text  # noqa: E402
+from traduire.files import read_text_lines as read_text  # noqa: E402
 from traduire.translate import DecodeOptions, Translator  # noqa: E402
 
 

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, machine, print_table  # noqa: E402
 
 from traduire.config import load_config  # noqa: E402
-from traduire.evaluate import read_text, score  # noqa: E402
+from traduire.evaluate import score  # noqa: E402
+from traduire.files import read_text_lines as read_text  # noqa: E402
 from traduire.pipeline import run  # noqa: E402
 from traduire.translate import DecodeOptions, Translator  # noqa: E402
 

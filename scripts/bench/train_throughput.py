@@ -20,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, machine, peak_rss_mib  # noqa: E402
-from traduire.train import Trainer  # noqa: E402
 
+from traduire.batch import EncodedCorpus, training_steps  # noqa: E402
 from traduire.config import load_config, replace  # noqa: E402
-from traduire.data import EncodedCorpus  # noqa: E402
-from traduire.pipeline import prepare_data, prepare_tokenizer  # noqa: E402
+from traduire.pipeline import prepare  # noqa: E402
 from traduire.tokenizer import Tokenizer  # noqa: E402
+from traduire.training import Trainer  # noqa: E402
 
 
 def main() -> None:
@@ -45,24 +45,26 @@ def main() -> None:
     config = replace(config, train={"precision": args.precision, "threads": args.threads,
                                     "progress": False})
     run_dir = Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    prepare_data(config, run_dir)
-    prepare_tokenizer(config, run_dir)
+    prepare(config, run_dir)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
     train = EncodedCorpus(datasets.load_from_disk(str(run_dir / "encoded" / "train")),
                           max_len=config.train.max_len)
     trainer = Trainer(config, run_dir, tokenizer, train, train)
     if args.compile:
         trainer.net = torch.compile(trainer.net)
-    batches = trainer._epoch_batches()
+    steps = training_steps(train, config.train.batch_tokens, config.train.seed, 0, 0, 0, 1,
+                           config.train.accumulate, pad=tokenizer.pad_id, bos=tokenizer.bos_id,
+                           eos=tokenizer.eos_id)
     src = tgt = 0.0
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             start = time.perf_counter()
-        stats = trainer._train_step(batches[i % len(batches)])
+        planned = next(steps)
+        loss = trainer._train_step(planned.parts, int(planned.tgt_lengths.sum()))
         if i >= args.warmup:
-            src += stats["src_tokens"]
-            tgt += stats["tgt_tokens"]
+            src += planned.src_lengths.sum()
+            tgt += planned.tgt_lengths.sum()
+    loss.item()  # the last step has finished (a GPU computes asynchronously)
     seconds = time.perf_counter() - start
     result = {
         "benchmark": "train_throughput", "precision": args.precision, "threads": args.threads,
