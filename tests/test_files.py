@@ -197,3 +197,16 @@ def test_replace_directory_fallback_keeps_the_old_one_until_the_new_one_is_in(tm
     # The old directory was moved aside, not deleted: it is still on disk, complete.
     aside = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
     assert len(aside) == 1 and (aside[0] / "data" / "old.txt").read_text() == "old"
+
+
+def test_written_files_and_directories_get_the_usual_permissions(tmp_path):
+    """Temporary names must not leave outputs private (mkstemp and mkdtemp make 0600/0700)."""
+    before = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with replace_directory(tmp_path / "d") as new:
+            (new / "f").write_text("y")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

@@ -4,6 +4,7 @@ through the CLI in test_evaluate, test_bad_input and test_fuzz)."""
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -145,3 +146,51 @@ def test_training_from_python(tmp_path, tiny_config_path):
     assert state.step == 3
     assert traduire.train(tiny_config_path, tmp_path / "run",
                           overrides=["train.max_steps=5"]).step == 5
+
+
+# --- int8 decoding -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory):
+    """The toy corpus learned well enough (200 steps) that its translations mean something."""
+    from conftest import tiny_settings, write_corpus
+    from traduire.config import config_from_dict
+    from traduire.pipeline import run
+
+    root = tmp_path_factory.mktemp("learned")
+    settings = tiny_settings(write_corpus(root / "data"), model={"dropout": 0.0},
+                             train={"max_steps": 200, "save_every": 200, "valid_every": 200,
+                                    "lr": 0.005, "batch_tokens": 512})
+    run(config_from_dict(settings), root / "run")
+    return root / "run"
+
+
+def test_int8_decoding_translates_like_fp32(learned_run):
+    from conftest import make_pair
+
+    rng = random.Random(7)
+    sources = [make_pair(rng)[0] for _ in range(30)]
+    fp32 = Translator.load(learned_run, device="cpu", precision="fp32")
+    int8 = Translator.load(learned_run, device="cpu", precision="int8")
+    quantized = torch.ao.nn.quantized.dynamic.Linear
+    linears = [m for m in int8.model.modules() if isinstance(m, torch.nn.Linear | quantized)]
+    assert linears and all(isinstance(m, quantized) for m in linears)
+    assert isinstance(int8.model.int8_projection, quantized)
+    expected, got = fp32.translate(sources, beam=3), int8.translate(sources, beam=3)
+    assert sum(a == b for a, b in zip(expected, got)) >= 0.8 * len(sources)
+    assert sum(len(t.split()) for t in expected) > 2 * len(sources)  # it learned something
+    # int8's best hypotheses, rescored by the fp32 model: the same log-probabilities to within
+    # the quantisation error (0.05 per token here).
+    ids = int8.encode(sources)[0]
+    hyps = [h[0] for h in int8.translate_ids(ids, DecodeOptions(beam=3))]
+    rescored = score_ids(fp32.model, fp32.tokenizer, ids, [h.tokens for h in hyps])
+    for hyp, logprobs in zip(hyps, rescored):
+        assert sum(logprobs) == pytest.approx(hyp.logprob, abs=0.05 * len(logprobs))
+
+
+def test_int8_is_refused_on_a_gpu_and_auto_never_picks_an_emulated_precision(monkeypatch):
+    with pytest.raises(TraduireError, match="int8' decodes on CPUs only"):
+        decoding_precision("int8", torch.device("cuda"))
+    monkeypatch.setattr(device, "native_bf16", lambda device: False)
+    assert decoding_precision("auto", CPU) == "fp32"

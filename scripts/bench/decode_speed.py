@@ -50,6 +50,8 @@ def main() -> None:
                         help="comma-separated weight precisions: fp32, bf16 (and int8 with "
                         "--engine ctranslate2)")
     parser.add_argument("--engine", choices=["torch", "ctranslate2"], default="torch")
+    parser.add_argument("--engine-dir", type=Path, help="the CTranslate2 export to use "
+                        "(default RUN/ctranslate2)")
     parser.add_argument("--batches", default="1,16,tokens",
                         help="comma-separated: sentence counts, or 'tokens'")
     parser.add_argument("--batch-tokens", type=int, default=4000)
@@ -67,8 +69,8 @@ def main() -> None:
         else:
             from traduire.export import CTranslate2Translator
 
-            translator = CTranslate2Translator.open(args.run_dir, precision=precision,
-                                                    threads=args.threads)
+            translator = CTranslate2Translator.open(args.run_dir, args.engine_dir,
+                                                    precision=precision, threads=args.threads)
         first_pass, _ = decode_all(translator, lines, DecodeOptions(beam=5))
         for beam in (int(b) for b in args.beams.split(",")):
             for batch in args.batches.split(","):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from traduire.errors import TraduireError
-from traduire.kernels import native_bf16
+from traduire.kernels import int8_available, native_bf16
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,16 +30,21 @@ def training_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-DECODING_PRECISIONS = ("auto", "fp32", "bf16")
+DECODING_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 def decoding_precision(precision: str, device: torch.device) -> str:
-    """The precision of the weights to decode with: fp32, bf16, or auto = bf16 where `device`
-    computes it natively, else fp32. bf16 weights decoded 1.4x faster than fp32 on a Xeon with
-    AMX with the same BLEU (Multi30k test_2016: 51.9 either way); search scores stay fp32."""
+    """The precision of the weights to decode with: fp32, bf16, int8 (CPU only: linear layers
+    and the output projection quantised), or auto = bf16 where `device` computes it natively,
+    else fp32. bf16 weights decoded 1.4x faster than fp32 on a Xeon with AMX with the same
+    BLEU (Multi30k test_2016: 51.9 either way); search scores stay fp32."""
     if precision not in DECODING_PRECISIONS:
         raise TraduireError(f"precision {precision!r}: expected one of "
                             f"{', '.join(DECODING_PRECISIONS)}")
+    if precision == "int8" and device.type != "cpu":
+        raise TraduireError("precision 'int8' decodes on CPUs only; use bf16 on a GPU")
+    if precision == "int8" and not int8_available():
+        raise TraduireError("precision 'int8': this torch has no quantized CPU kernels")
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return precision

@@ -94,6 +94,7 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[TextIO | BinaryIO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make it private
     text = "b" not in mode
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": "\n"} if text else {})
@@ -160,6 +161,7 @@ def replace_directory(path: Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(new, 0o777 & ~_umask())  # mkdtemp's 0700 would make it private
     try:
         yield new
         _fsync_tree(new)
@@ -234,6 +236,13 @@ def _fsync_tree(root: Path) -> None:
             except OSError:
                 pass
         fsync_directory(Path(directory))
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def _remove_quietly(path: Path) -> None:

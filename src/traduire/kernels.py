@@ -129,6 +129,38 @@ def top_per_row(scores: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor
     return values, best_blocks.gather(1, within // block) * block + within % block
 
 
+# --- int8 decoding -----------------------------------------------------------------------------
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """A copy of `model` for decoding on CPU whose linear layers and output projection multiply
+    int8 weights by int8 activations (torch's dynamic quantization: weights quantized once,
+    per output channel; activations per call). The model's `project` becomes the int8
+    projection of the tied embedding matrix. Speed and quality: see docs/performance.md."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch's eager quantization is marked for removal
+        warnings.simplefilter("ignore")
+        per_channel = {nn.Linear: per_channel_dynamic_qconfig}
+        quantized = quantize_dynamic(copy.deepcopy(model), per_channel, dtype=torch.qint8)
+        embedding = model.decoder.embedding.weight.detach().float()
+        tied = nn.Linear(embedding.size(1), embedding.size(0), bias=False)
+        tied.weight = nn.Parameter(embedding.clone())
+        projection = quantize_dynamic(nn.Sequential(tied), per_channel, dtype=torch.qint8)[0]
+    quantized.int8_projection = projection
+    quantized.project = projection.forward  # this instance's output projection
+    return quantized
+
+
+def int8_available() -> bool:
+    """Whether this torch has dynamically quantized linear layers for the CPU."""
+    return "fbgemm" in torch.backends.quantized.supported_engines or \
+        "x86" in torch.backends.quantized.supported_engines
+
+
 # --- Process settings --------------------------------------------------------------------------
 
 # glibc's mallopt parameter numbers (malloc.h).

@@ -395,9 +395,12 @@ class Transformer(nn.Module):
         `tgt` may have g rows per source (beam search's hypotheses): rows i*g .. i*g+g-1
         continue source i of memory and src_mask.
         """
-        hidden = self.decoder(tgt, memory, src_mask, cache, attention)
-        # The output projection reuses the target embedding matrix (section 3.4): one matrix
-        # maps tokens to vectors and vectors back to token scores.
+        return self.project(self.decoder(tgt, memory, src_mask, cache, attention))
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """Scores of every target token: the output projection, which reuses the target
+        embedding matrix (section 3.4): one matrix maps tokens to vectors and vectors back to
+        token scores."""
         return F.linear(hidden, self.decoder.embedding.weight)
 
     def forward(self, src: Tensor, tgt_in: Tensor, attention: Attention | None = None) -> Tensor:

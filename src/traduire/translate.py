@@ -37,6 +37,7 @@ from traduire.device import decoding_precision, resolve_device
 from traduire.errors import CheckpointError, TraduireError
 from traduire.evaluate import check_aligned, score
 from traduire.files import line_writer, open_input, read_lines, read_text_lines
+from traduire.kernels import quantize_int8
 from traduire.model import Transformer, TransformerShape
 from traduire.search import Hypothesis, beam_search, sample
 from traduire.tokenizer import Tokenizer
@@ -133,8 +134,7 @@ class Translator:
             raise TraduireError(f"{run_dir}: not a trained run directory (no tokenizer/)")
         checkpoint = Path(checkpoint) if checkpoint else default_checkpoint(run_dir)
         torch_device = resolve_device(device)
-        dtype = torch.bfloat16 if decoding_precision(precision, torch_device) == "bf16" \
-            else torch.float32
+        precision = decoding_precision(precision, torch_device)
         state = load_checkpoint(checkpoint, map_location="cpu")
         config = config_from_dict(state["config"], origin=str(checkpoint))
         tokenizer = Tokenizer.load(run_dir / "tokenizer")
@@ -145,7 +145,11 @@ class Translator:
         except RuntimeError:
             raise CheckpointError(f"{checkpoint}: weights do not fit the model of {run_dir} "
                                   "(different architecture or vocabulary)") from None
-        return cls(model.to(torch_device, dtype), tokenizer, config, torch_device, checkpoint)
+        if precision == "int8":
+            model = quantize_int8(model.eval())
+        elif precision == "bf16":
+            model = model.to(torch.bfloat16)
+        return cls(model.to(torch_device), tokenizer, config, torch_device, checkpoint)
 
     # --- the Python API ------------------------------------------------------------------------
 
