@@ -109,8 +109,10 @@ print("ok")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
-def test_import_traduire_alone_loads_no_heavy_module():
-    result = subprocess.run([sys.executable, "-c", "import sys, traduire; print("
+@pytest.mark.parametrize("module", ["traduire", "traduire.cli"])
+def test_import_loads_no_heavy_module(module):
+    """`import traduire` is free, and `traduire --help` does not wait for torch."""
+    result = subprocess.run([sys.executable, "-c", f"import sys, {module}; print("
                              "sorted(m for m in ('torch', 'datasets', 'sentencepiece') "
                              "if m in sys.modules))"], capture_output=True, text=True,
                             timeout=60)

@@ -53,9 +53,11 @@ def command(fn):
             say("interrupted")
             raise typer.Exit(130) from None
         except Exception as e:
-            if not _debug and _failed_elsewhere(e):
+            from traduire.distributed import failed_elsewhere
+
+            if not _debug and failed_elsewhere(e):
                 # This rank only saw a peer vanish; the peer's own error is the one to read.
-                say(f"rank {_rank()}: stopping because another rank failed")
+                say(f"rank {os.environ.get('RANK', 0)}: stopping because another rank failed")
                 raise typer.Exit(1) from None
             if not isinstance(e, OSError) or _debug:
                 raise
@@ -70,23 +72,6 @@ def say(message: str, markup: bool = False) -> None:
     """One line on stderr (markup off: a path may hold '[...]'; soft_wrap: one line, even in
     a log file)."""
     stderr.print(message, markup=markup, highlight=False, soft_wrap=True)
-
-
-def _failed_elsewhere(error: Exception) -> bool:
-    """Whether this is a collective operation failing because another rank died (the
-    process group may be gone by now: the launcher's environment tells)."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    message = str(error)
-    return isinstance(error, dist.DistError) or any(
-        sign in message for sign in ("Connection closed by peer", "Connection reset by peer",
-                                     "remote worker crashing", "NCCL communicator was aborted"))
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 # --- Options shared by several commands -------------------------------------------------------
@@ -132,8 +117,6 @@ _DECODING = {  # name: (default, type, help); one --option each, for translate a
 
 def decoding_options(fn):
     """Give a command the decoding options above; it receives them as `options`."""
-    from traduire.translate import DecodeOptions
-
     hints = typing.get_type_hints(fn, include_extras=True)  # the annotations, evaluated
     own = [p.replace(annotation=hints[p.name])
            for p in inspect.signature(fn).parameters.values() if p.name != "options"]
@@ -143,6 +126,8 @@ def decoding_options(fn):
 
     @functools.wraps(fn)
     def wrapper(**kwargs: Any):
+        from traduire.translate import DecodeOptions  # not at import: --help stays quick
+
         values = {name: kwargs.pop(name) for name in _DECODING}
         return fn(**kwargs, options=DecodeOptions(**values))
 

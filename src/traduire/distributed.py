@@ -202,6 +202,17 @@ def _read_status(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def failed_elsewhere(error: Exception) -> bool:
+    """Whether `error` is a collective operation failing because another rank died (the
+    process group may be gone by now: torchrun's environment tells)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    message = str(error)
+    return isinstance(error, dist.DistError) or any(
+        sign in message for sign in ("Connection closed by peer", "Connection reset by peer",
+                                     "remote worker crashing", "NCCL communicator was aborted"))
+
+
 def shutdown() -> None:
     global _control_group
     if _active():

@@ -11,7 +11,7 @@ boolean masks are True where attention is *allowed*, as `scaled_dot_product_atte
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -48,14 +48,13 @@ class TransformerShape:
     @classmethod
     def from_config(cls, model: ModelConfig, src_vocab_size: int, tgt_vocab_size: int,
                     pad_id: int) -> TransformerShape:
+        """The network the model section of a config describes."""
+        same = {f.name for f in fields(cls)} & {f.name for f in fields(model)}
         encoder_layers, decoder_layers = encoder_decoder_layers(model)
-        return cls(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,
-                   d_model=model.d_model, heads=model.heads, ffn_dim=model.ffn_dim,
-                   encoder_layers=encoder_layers, decoder_layers=decoder_layers,
-                   dropout=model.dropout, attention_dropout=model.attention_dropout,
-                   activation_dropout=model.activation_dropout, activation=model.activation,
-                   norm=model.norm, max_positions=model.max_positions,
-                   share_embeddings=model.share_embeddings, pad_id=pad_id)
+        return cls(src_vocab_size, tgt_vocab_size, encoder_layers=encoder_layers,
+                   decoder_layers=decoder_layers, pad_id=pad_id,
+                   **{name: getattr(model, name) for name in same - {"encoder_layers",
+                                                                      "decoder_layers"}})
 
 
 # --- Embeddings and positions ----------------------------------------------------------------
