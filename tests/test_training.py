@@ -292,3 +292,19 @@ def test_average_command_writes_the_mean_of_the_last_checkpoints(tmp_path, tiny_
     name = "decoder.layers.0.ffn.linear1.weight"
     assert not torch.equal(a[name], b[name])
     torch.testing.assert_close(averaged[name], (a[name] + b[name]) / 2)
+
+
+def test_average_last_writes_the_mean_that_translate_then_uses(tmp_path, tiny_config_path):
+    from traduire.translate import default_checkpoint
+
+    config = load_config(tiny_config_path, ["train.max_steps=30", "train.average_last=2"])
+    run(config, tmp_path / "run")
+    last_two = step_checkpoints(tmp_path / "run" / "checkpoints")[-2:]
+    assert [p.name for p in last_two] == ["step_00000020.pt", "step_00000030.pt"]
+    averaged = load_checkpoint(tmp_path / "run" / "average.pt")
+    a, b = (load_checkpoint(p)["model"] for p in last_two)
+    for name, weight in averaged["model"].items():
+        torch.testing.assert_close(weight, (a[name] + b[name]) / 2)
+    assert default_checkpoint(tmp_path / "run") == tmp_path / "run" / "average.pt"
+    with pytest.raises(Exception, match="cannot exceed 'train.keep_last'"):
+        load_config(tiny_config_path, ["train.average_last=6", "train.keep_last=5"])

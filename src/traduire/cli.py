@@ -88,7 +88,7 @@ Overwrite = Annotated[bool, typer.Option(
     help="Redo the first stage whose settings changed and every stage after it; old outputs "
     "are moved to RUN_DIR/old/.")]
 Checkpoint = Annotated[Path | None, typer.Option(
-    help="Checkpoint to use instead of the run's best.pt.")]
+    help="Checkpoint to use instead of the run's average.pt or best.pt.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 Precision = Annotated[str, typer.Option(
     help="Weights' precision for decoding: fp32, bf16, or auto (bf16 where the GPU or CPU "

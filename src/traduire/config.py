@@ -122,6 +122,9 @@ class TrainConfig:
     max_time: str | None = None  # wall clock of training, e.g. "30m", "2h", "1h30m", "90s"
     save_every: int = 1000
     keep_last: int = 5
+    # When training ends, write RUN/average.pt, the mean of the newest periodic checkpoints
+    # (0: none); translate then uses it by default.
+    average_last: int = 0
     valid_every: int = 1000
     valid_bleu: bool = False  # also translate (part of) the validation set and score BLEU
     valid_bleu_sentences: int = 500
@@ -137,6 +140,7 @@ class TrainConfig:
 # Keys of `train` that bound or observe a run without changing what it computes: they may differ
 # between runs of one run directory and are applied on resume.
 BOUND_KEYS = frozenset({"max_steps", "max_epochs", "max_time", "save_every", "keep_last",
+                        "average_last",
                         "valid_every", "valid_bleu", "valid_bleu_sentences", "valid_beam",
                         "patience", "max_bad_steps", "log_every", "tensorboard", "progress",
                         "device", "threads", "compile"})
@@ -301,6 +305,7 @@ def _check_values(config: Config, origin: str) -> None:
                     "train.decay_steps": config.train.decay_steps,
                     "train.min_lr": config.train.min_lr,
                     "train.patience": config.train.patience,
+                    "train.average_last": config.train.average_last,
                     "data.max_valid": config.data.max_valid}
     for key, value in non_negative.items():
         if value < 0:
@@ -331,6 +336,10 @@ def _check_values(config: Config, origin: str) -> None:
                                                         or config.train.max_steps):
         raise ConfigError(f"{origin}: 'train.schedule: {config.train.schedule}' needs "
                           "'train.decay_steps' or 'train.max_steps' to know when to end")
+    if config.train.average_last > config.train.keep_last:
+        raise ConfigError(f"{origin}: 'train.average_last' ({config.train.average_last}) "
+                          f"cannot exceed 'train.keep_last' ({config.train.keep_last}), the "
+                          "checkpoints kept to average")
     if config.train.best_metric == "bleu" and not config.train.valid_bleu:
         raise ConfigError(f"{origin}: 'train.best_metric: bleu' needs 'train.valid_bleu: true'")
     if config.train.max_time is not None:

@@ -19,6 +19,7 @@ Run directory layout:
   encoded/{train,valid}   token ids (Arrow)
   checkpoints/step_N.pt   periodic checkpoints (the newest train.keep_last)
   best.pt                 the best checkpoint by validation loss (or BLEU: train.best_metric)
+  average.pt              with train.average_last: the mean of the last checkpoints
   metrics.jsonl           one JSON object per log line and validation
   old/<time>/             outputs moved aside by --overwrite
 """
@@ -49,7 +50,8 @@ console = Console(stderr=True)
 RUN_FORMAT_VERSION = 1
 STAGES = ("data", "tokenizer", "model")
 STAGE_OUTPUTS = {"data": ["data"], "tokenizer": ["tokenizer", "encoded"],
-                 "model": ["checkpoints", "best.pt", "metrics.jsonl", "tensorboard"]}
+                 "model": ["checkpoints", "best.pt", "average.pt", "metrics.jsonl",
+                           "tensorboard"]}
 
 
 # --- The Python API ----------------------------------------------------------------------------

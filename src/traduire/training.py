@@ -31,6 +31,7 @@ from traduire.batch import (
 )
 from traduire.checkpoint import (
     TrainState,
+    average_last,
     load_latest,
     prune_checkpoints,
     rank_seed,
@@ -143,6 +144,11 @@ class Trainer:
         if stopped_by:
             raise TrainingInterrupted(signal.Signals(stopped_by).name, self.state.step,
                                       self._latest_checkpoint())
+        if self.cfg.average_last and self.dist.is_main:
+            averaged = average_last(self.checkpoint_dir, self.cfg.average_last,
+                                    self.run_dir / "average.pt")
+            self.monitor.info(f"average.pt: the mean of {len(averaged)} checkpoints "
+                              f"({averaged[0].name} .. {averaged[-1].name})")
         return self.state
 
     def _loop(self, steps) -> int:

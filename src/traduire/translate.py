@@ -3,7 +3,7 @@
 `Translator` is the Python API:
 
     from traduire import Translator
-    t = Translator.load("runs/m30k")            # best.pt; device and precision auto
+    t = Translator.load("runs/m30k")            # average.pt or best.pt; device, precision auto
     t.translate(["A dog runs on the beach."])   # ['Un chien court sur la plage.']
     t.translate(lines, beam=5, nbest=3)         # n-best Candidates with probabilities
     t.score(["A dog runs."], ["Un chien court."])
@@ -127,8 +127,9 @@ class Translator:
     @classmethod
     def load(cls, run_dir: str | Path, checkpoint: str | Path | None = None,
              device: str = "auto", precision: str = "auto") -> Translator:
-        """The run's model (best.pt unless `checkpoint` names another) on `device`, its weights
-        in `precision`: fp32, bf16, or auto (bf16 where the device computes it natively)."""
+        """The run's model (`default_checkpoint` unless `checkpoint` names another) on `device`,
+        its weights in `precision`: fp32, bf16, int8 (CPU), or auto (bf16 where the device
+        computes it natively, else fp32)."""
         run_dir = Path(run_dir)
         if not (run_dir / "tokenizer").is_dir():
             raise TraduireError(f"{run_dir}: not a trained run directory (no tokenizer/)")
@@ -254,10 +255,11 @@ class Translator:
 
 
 def default_checkpoint(run_dir: Path) -> Path:
-    """best.pt if the run has one, else its newest periodic checkpoint."""
-    best = run_dir / "best.pt"
-    if best.exists():
-        return best
+    """average.pt if the run wrote one (train.average_last), else best.pt, else the newest
+    periodic checkpoint."""
+    for name in ("average.pt", "best.pt"):
+        if (run_dir / name).exists():
+            return run_dir / name
     periodic = step_checkpoints(run_dir / "checkpoints")
     if not periodic:
         raise CheckpointError(f"{run_dir}: no checkpoint yet (train first)")
