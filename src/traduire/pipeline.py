@@ -31,14 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow.compute as pc
 import yaml
 from rich.console import Console
 
 from traduire import distributed
 from traduire.batch import EncodedCorpus
-from traduire.config import BOUND_KEYS, Config, changed_keys, fingerprint, load_config
+from traduire.config import BOUND_KEYS, Config, DataConfig, changed_keys, fingerprint, load_config
 from traduire.data import clean, load_corpus
-from traduire.device import resolve_device
+from traduire.device import data_workers, processes, resolve_device
 from traduire.errors import CheckpointError, DataError, TraduireError
 from traduire.files import atomic_open, atomic_write_text, move_aside, replace_directory
 from traduire.tokenizer import Tokenizer, encode_corpus, train_tokenizer
@@ -119,12 +120,13 @@ def prepare_data(config: Config, run_dir: Path) -> None:
         console.print("data: done (skipped)")
         return
     _move_leftovers(run_dir, "data")
-    console.print("data: loading and cleaning the corpus")
+    workers = data_workers(config.data.workers)
+    console.print(f"data: loading and cleaning the corpus ({workers} workers)")
     raw = load_corpus(config.data, run_dir / "cache")
     report: dict[str, Any] = {}
     with replace_directory(run_dir / "data") as out:
         for split, pairs in raw.items():
-            kept, dropped = clean(pairs, config.data)
+            kept, dropped = clean(pairs, config.data, workers)
             if split == "valid" and config.data.max_valid:
                 kept = kept.select(range(min(len(kept), config.data.max_valid)))
             if split == "train" and len(kept) == 0:
@@ -132,17 +134,22 @@ def prepare_data(config: Config, run_dir: Path) -> None:
                 raise DataError(f"{_train_source(config)}: the training corpus is empty after "
                                 f"cleaning ({len(pairs):,} pairs read; dropped: "
                                 f"{why or 'none'})")
-            kept.save_to_disk(str(out / split))
+            kept.save_to_disk(str(out / split), num_proc=processes(len(kept), workers))
             if split == "test":  # held-out text for `traduire eval`, as plain aligned files
-                for column, lang in (("src", config.data.src_lang), ("tgt", config.data.tgt_lang)):
-                    with atomic_open(out / f"test.{lang}") as f:
-                        for line in kept[column]:
-                            f.write(f"{line}\n")
+                _write_text(kept, out, config.data)
             report[split] = {"read": len(pairs), "kept": len(kept), "dropped": dropped}
             console.print(f"  {split}: {len(pairs):,} pairs read, {len(kept):,} kept"
                           + "".join(f", {n:,} {why}" for why, n in sorted(dropped.items())))
         atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     _write_record(run_dir, "data", config)
+
+
+def _write_text(pairs: datasets.Dataset, out: Path, cfg: DataConfig) -> None:
+    """Write the pairs as aligned text files out/<split>.<lang>, a chunk at a time."""
+    for column, lang in (("src", cfg.src_lang), ("tgt", cfg.tgt_lang)):
+        with atomic_open(out / f"test.{lang}") as f:
+            for chunk in pairs.select_columns([column]).with_format("arrow").iter(10_000):
+                f.writelines(f"{line}\n" for line in chunk.column(0).to_pylist())
 
 
 def prepare_tokenizer(config: Config, run_dir: Path) -> None:
@@ -153,11 +160,16 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
     _move_leftovers(run_dir, "tokenizer")
     train = datasets.load_from_disk(str(run_dir / "data" / "train"))
     valid = datasets.load_from_disk(str(run_dir / "data" / "valid"))
-    console.print(f"tokenizer: training SentencePiece {config.tokenizer.model_type} "
-                  f"({config.tokenizer.vocab_size} pieces) on {len(train):,} pairs")
+    cfg = config.tokenizer
+    sentences = len(train) * (2 if cfg.joint else 1)  # per model
+    sample = min(cfg.input_sentence_size or sentences, sentences)
+    console.print(f"tokenizer: training SentencePiece {cfg.model_type} ({cfg.vocab_size} pieces) "
+                  f"on {sample:,} of {sentences:,} sentences")
     with replace_directory(run_dir / "tokenizer") as out:
         train_tokenizer(train, config.tokenizer, out)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    workers = data_workers(config.data.workers)
+    console.print(f"tokenizer: encoding ({workers} workers)")
     cache = run_dir / "cache"
     cache.mkdir(exist_ok=True)
     # The cache file is named by the settings that made it: `datasets` reuses a cache file
@@ -166,18 +178,20 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
                               **stage_settings(config, "tokenizer")}))
     with replace_directory(run_dir / "encoded") as out:
         for split, pairs in (("train", train), ("valid", valid)):
-            encoded = encode_corpus(pairs, tokenizer, cache / f"encoded-{split}-{key}.arrow")
-            encoded.save_to_disk(str(out / split))
-            table = encoded.with_format("arrow")
-            console.print(f"  {split}: {table['src_len'].to_numpy().sum():,} source and "
-                          f"{table['tgt_len'].to_numpy().sum():,} target pieces")
+            encoded = encode_corpus(pairs, tokenizer, cache / f"encoded-{split}-{key}.arrow",
+                                    workers)
+            encoded.save_to_disk(str(out / split), num_proc=processes(len(encoded), workers))
+            pieces = [pc.sum(encoded.data.column(f"{side}_len")).as_py() or 0
+                      for side in ("src", "tgt")]
+            console.print(f"  {split}: {pieces[0]:,} source and {pieces[1]:,} target pieces")
     _write_record(run_dir, "tokenizer", config)
 
 
 def stage_settings(config: Config, stage: str) -> dict[str, Any]:
     """The config keys whose values determine a stage's output."""
     if stage == "data":
-        return {"data": asdict(config.data)}
+        # How many processes clean the data does not change what they make.
+        return {"data": {k: v for k, v in asdict(config.data).items() if k != "workers"}}
     if stage == "tokenizer":
         return {"tokenizer": asdict(config.tokenizer)}
     train_settings = {k: v for k, v in asdict(config.train).items() if k not in BOUND_KEYS}
