@@ -62,6 +62,11 @@ def _load_files(cfg: DataConfig, prefix: str, cache_dir: Path) -> datasets.Datas
                                          "tgt": datasets.Value("string")}))
 
 
+_ALIGNED_FEATURES = datasets.Features({"src": datasets.Value("string"),
+                                       "tgt": datasets.Value("string"),
+                                       "invalid": datasets.Value("bool")})
+
+
 def _load_aligned_text(src_path: Path, tgt_path: Path, skip_invalid: bool, cache_dir: Path
                        ) -> datasets.Dataset:
     """Two aligned text files as one dataset, in a single streaming pass.
@@ -75,10 +80,14 @@ def _load_aligned_text(src_path: Path, tgt_path: Path, skip_invalid: bool, cache
     # File sizes and times in the arguments: an edited file must not come from the cache.
     # (Tuples, not lists: `datasets` would shard a list argument.)
     src, tgt = ((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in (src_path, tgt_path))
+    if src_path.stat().st_size == 0 and tgt_path.stat().st_size == 0:
+        # No lines: `datasets` cannot build a dataset from a generator that yields nothing.
+        return datasets.Dataset.from_dict({"src": [], "tgt": [], "invalid": []},
+                                          features=_ALIGNED_FEATURES)
     try:
         return datasets.Dataset.from_generator(
             _aligned_pairs, gen_kwargs={"src": src, "tgt": tgt, "skip_invalid": skip_invalid},
-            cache_dir=str(cache_dir))
+            features=_ALIGNED_FEATURES, cache_dir=str(cache_dir))
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__
         while cause is not None and not isinstance(cause, DataError):

@@ -39,7 +39,7 @@ from traduire import distributed
 from traduire.batch import EncodedCorpus
 from traduire.config import BOUND_KEYS, Config, DataConfig, changed_keys, fingerprint, load_config
 from traduire.data import clean, load_corpus
-from traduire.device import data_workers, processes, resolve_device
+from traduire.device import data_workers, resolve_device
 from traduire.errors import CheckpointError, DataError, TraduireError
 from traduire.files import atomic_open, atomic_write_text, move_aside, replace_directory
 from traduire.tokenizer import Tokenizer, encode_corpus, train_tokenizer
@@ -121,7 +121,7 @@ def prepare_data(config: Config, run_dir: Path) -> None:
         return
     _move_leftovers(run_dir, "data")
     workers = data_workers(config.data.workers)
-    console.print(f"data: loading and cleaning the corpus ({workers} workers)")
+    console.print(f"data: loading and cleaning the corpus ({_processes(workers)})")
     raw = load_corpus(config.data, run_dir / "cache")
     report: dict[str, Any] = {}
     with replace_directory(run_dir / "data") as out:
@@ -134,7 +134,7 @@ def prepare_data(config: Config, run_dir: Path) -> None:
                 raise DataError(f"{_train_source(config)}: the training corpus is empty after "
                                 f"cleaning ({len(pairs):,} pairs read; dropped: "
                                 f"{why or 'none'})")
-            kept.save_to_disk(str(out / split), num_proc=processes(len(kept), workers))
+            save(kept, out / split)
             if split == "test":  # held-out text for `traduire eval`, as plain aligned files
                 _write_text(kept, out, config.data)
             report[split] = {"read": len(pairs), "kept": len(kept), "dropped": dropped}
@@ -142,6 +142,12 @@ def prepare_data(config: Config, run_dir: Path) -> None:
                           + "".join(f", {n:,} {why}" for why, n in sorted(dropped.items())))
         atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     _write_record(run_dir, "data", config)
+
+
+def save(dataset: datasets.Dataset, path: Path) -> None:
+    """dataset.save_to_disk, for empty datasets too (left to itself, `datasets` writes no
+    shard for them, and then cannot load what it wrote)."""
+    dataset.save_to_disk(str(path), num_shards=1 if len(dataset) == 0 else None)
 
 
 def _write_text(pairs: datasets.Dataset, out: Path, cfg: DataConfig) -> None:
@@ -169,7 +175,7 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
         train_tokenizer(train, config.tokenizer, out)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
     workers = data_workers(config.data.workers)
-    console.print(f"tokenizer: encoding ({workers} workers)")
+    console.print(f"tokenizer: encoding ({_processes(workers)})")
     cache = run_dir / "cache"
     cache.mkdir(exist_ok=True)
     # The cache file is named by the settings that made it: `datasets` reuses a cache file
@@ -180,7 +186,7 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
         for split, pairs in (("train", train), ("valid", valid)):
             encoded = encode_corpus(pairs, tokenizer, cache / f"encoded-{split}-{key}.arrow",
                                     workers)
-            encoded.save_to_disk(str(out / split), num_proc=processes(len(encoded), workers))
+            save(encoded, out / split)
             pieces = [pc.sum(encoded.data.column(f"{side}_len")).as_py() or 0
                       for side in ("src", "tgt")]
             console.print(f"  {split}: {pieces[0]:,} source and {pieces[1]:,} target pieces")
@@ -267,6 +273,10 @@ def _move_leftovers(run_dir: Path, stage: str) -> None:
     if moved:
         console.print(f"{stage}: outputs without a stage record moved to {moved}",
                       markup=False, highlight=False, soft_wrap=True)
+
+
+def _processes(workers: int) -> str:
+    return f"up to {workers} processes" if workers > 1 else "1 process"
 
 
 def _train_source(config: Config) -> str:

@@ -151,6 +151,9 @@ def encode_corpus(pairs: datasets.Dataset, tokenizer: Tokenizer, cache_file: Pat
     """Add columns src_ids, tgt_ids, src_len, tgt_len (lengths without specials), encoded in
     up to `workers` processes (the same ids for any number) and cached on disk in the run
     directory."""
+    if len(pairs) == 0:  # map() would hand back the input, without the new columns
+        return datasets.Dataset.from_dict({name: [] for name in ENCODED_FEATURES},
+                                          features=ENCODED_FEATURES)
     return pairs.map(_encode, batched=True, batch_size=10_000, features=ENCODED_FEATURES,
                      cache_file_name=str(cache_file), num_proc=processes(len(pairs), workers),
                      fn_kwargs={"tokenizer": tokenizer})
