@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
@@ -24,22 +26,39 @@ datasets.logging.set_verbosity_error()
 datasets.disable_progress_bars()
 
 
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Within the block, `datasets` shows its own progress bars (rows done, rows/s) if
+    `enabled`: for a person at a terminal, whose large corpus takes minutes per stage."""
+    if not enabled:
+        yield
+        return
+    datasets.enable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.disable_progress_bars()
+
+
 # --- Loading -----------------------------------------------------------------------------------
 
 
-def load_corpus(cfg: DataConfig, cache_dir: Path) -> dict[str, datasets.Dataset]:
+def load_corpus(cfg: DataConfig, cache_dir: Path, workers: int = 1
+                ) -> dict[str, datasets.Dataset]:
     """Load the raw splits as datasets with string columns `src` and `tgt`: train and valid,
-    and test where the source defines one (bible)."""
+    and test where the source defines one (bible). Rows of a hub or JSON Lines corpus are
+    turned into pairs in up to `workers` processes."""
     if cfg.source == "files":
-        return {split: _load_files(cfg, prefix, cache_dir)
+        return {split: _load_files(cfg, prefix, cache_dir, workers)
                 for split, prefix in (("train", cfg.train_prefix), ("valid", cfg.valid_prefix))}
     if cfg.source == "hub":
-        return {split: _load_hub(cfg, name, cache_dir)
+        return {split: _load_hub(cfg, name, cache_dir, workers)
                 for split, name in (("train", cfg.train_split), ("valid", cfg.valid_split))}
     return _load_bible(cfg)
 
 
-def _load_files(cfg: DataConfig, prefix: str, cache_dir: Path) -> datasets.Dataset:
+def _load_files(cfg: DataConfig, prefix: str, cache_dir: Path, workers: int
+                ) -> datasets.Dataset:
     root = Path(cfg.dir).expanduser()
     if cfg.format == "text":
         src_path, tgt_path = (root / f"{prefix}.{lang}" for lang in (cfg.src_lang, cfg.tgt_lang))
@@ -55,7 +74,7 @@ def _load_files(cfg: DataConfig, prefix: str, cache_dir: Path) -> datasets.Datas
         else:
             pairs = datasets.load_dataset("json", data_files=str(path), split="train",
                                           cache_dir=str(cache_dir))
-            pairs = _select_languages(pairs, cfg, str(path))
+            pairs = _select_languages(pairs, cfg, str(path), workers)
     except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
         raise DataError(f"{path}: cannot parse as {cfg.format}: {_root_cause(e)}") from None
     return pairs.cast(datasets.Features({"src": datasets.Value("string"),
@@ -87,7 +106,7 @@ def _load_aligned_text(src_path: Path, tgt_path: Path, skip_invalid: bool, cache
     try:
         return datasets.Dataset.from_generator(
             _aligned_pairs, gen_kwargs={"src": src, "tgt": tgt, "skip_invalid": skip_invalid},
-            features=_ALIGNED_FEATURES, cache_dir=str(cache_dir))
+            cache_dir=str(cache_dir))  # no `features`: given, they cost 5x the time per pair
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__
         while cause is not None and not isinstance(cause, DataError):
@@ -121,17 +140,18 @@ def _aligned_pairs(src: tuple[str, int, int], tgt: tuple[str, int, int], skip_in
                    "tgt": "" if invalid_at[1] == number else tgt_text, "invalid": invalid}
 
 
-def _load_hub(cfg: DataConfig, split: str, cache_dir: Path) -> datasets.Dataset:
+def _load_hub(cfg: DataConfig, split: str, cache_dir: Path, workers: int) -> datasets.Dataset:
     try:
         pairs = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=split,
                                       cache_dir=str(cache_dir))
     except Exception as e:  # the hub raises many kinds: network, missing config, missing split
         raise DataError(f"cannot load hub dataset {cfg.hub_name}/{cfg.hub_config} split "
                         f"'{split}': {_root_cause(e)}") from None
-    return _select_languages(pairs, cfg, cfg.hub_name)
+    return _select_languages(pairs, cfg, cfg.hub_name, workers)
 
 
-def _select_languages(pairs: datasets.Dataset, cfg: DataConfig, origin: str) -> datasets.Dataset:
+def _select_languages(pairs: datasets.Dataset, cfg: DataConfig, origin: str, workers: int
+                      ) -> datasets.Dataset:
     """Rows as {translation: {en:…, fr:…}} or {en:…, fr:…} -> columns src, tgt."""
     nested = "translation" in pairs.column_names
     available = (set(pairs.features["translation"]) if nested else set(pairs.column_names))
@@ -145,7 +165,8 @@ def _select_languages(pairs: datasets.Dataset, cfg: DataConfig, origin: str) -> 
             for pair in zip(batch[cfg.src_lang], batch[cfg.tgt_lang])]
         return {"src": [r[cfg.src_lang] for r in rows], "tgt": [r[cfg.tgt_lang] for r in rows]}
 
-    return pairs.map(pick, batched=True, remove_columns=pairs.column_names)
+    return pairs.map(pick, batched=True, remove_columns=pairs.column_names,
+                     num_proc=processes(len(pairs), workers))
 
 
 def _load_bible(cfg: DataConfig) -> dict[str, datasets.Dataset]:
@@ -180,15 +201,16 @@ def _root_cause(error: BaseException) -> str:
 REASONS = ("", "invalid_utf8", "empty", "too_long", "length_ratio", "duplicate")
 _KEPT, _INVALID, _EMPTY, _TOO_LONG, _RATIO, _DUPLICATE = range(len(REASONS))
 
-def clean(pairs: datasets.Dataset, cfg: DataConfig, workers: int = 1
+
+def clean(pairs: datasets.Dataset, cfg: DataConfig, workers: int = 1, desc: str = "cleaning"
           ) -> tuple[datasets.Dataset, dict[str, int]]:
     """Strip whitespace and drop empty, over-long, badly proportioned and duplicate pairs (of
     a pair seen before, the first occurrence is kept). Returns the kept pairs, in their
     original order, and a count of dropped pairs per reason.
 
     Pairs are judged in up to `workers` processes; the result is the same for any number.
-    Memory stays flat: the text stays in Arrow files, and deduplication holds one 64-bit hash
-    and one byte per pair in the main process."""
+    The text stays in Arrow files: the main process holds a reason code (one byte) and a
+    64-bit hash per pair, and sorts the hashes to find duplicates."""
     if len(pairs) == 0:  # map() would hand back the input, columns and all
         return pairs.select_columns(["src", "tgt"]), {}
     features = datasets.Features({"src": datasets.Value("string"),
@@ -197,6 +219,7 @@ def clean(pairs: datasets.Dataset, cfg: DataConfig, workers: int = 1
                                   "key": datasets.Value("uint64")})
     judged = pairs.map(_judge, batched=True, batch_size=10_000, features=features,
                        remove_columns=pairs.column_names, num_proc=processes(len(pairs), workers),
+                       desc=desc,
                        fn_kwargs={"max_words": cfg.max_words, "max_ratio": cfg.max_ratio})
     reasons = judged.data.column("reason").to_numpy().copy()
     if cfg.dedupe:
@@ -208,7 +231,7 @@ def clean(pairs: datasets.Dataset, cfg: DataConfig, workers: int = 1
     if not keep.all():
         # No input column: the filter reads row numbers only, never the text.
         kept = kept.filter(lambda rows: keep[rows], input_columns=[], with_indices=True,
-                           batched=True, batch_size=100_000)
+                           batched=True, batch_size=100_000, desc=f"{desc}: dropping")
     return kept, dropped
 
 

@@ -38,7 +38,7 @@ from rich.console import Console
 from traduire import distributed
 from traduire.batch import EncodedCorpus
 from traduire.config import BOUND_KEYS, Config, DataConfig, changed_keys, fingerprint, load_config
-from traduire.data import clean, load_corpus
+from traduire.data import clean, load_corpus, progress_bars
 from traduire.device import data_workers, resolve_device
 from traduire.errors import CheckpointError, DataError, TraduireError
 from traduire.files import atomic_open, atomic_write_text, move_aside, replace_directory
@@ -122,11 +122,18 @@ def prepare_data(config: Config, run_dir: Path) -> None:
     _move_leftovers(run_dir, "data")
     workers = data_workers(config.data.workers)
     console.print(f"data: loading and cleaning the corpus ({_processes(workers)})")
-    raw = load_corpus(config.data, run_dir / "cache")
+    with progress_bars(console.is_terminal):
+        _clean_and_save(config, run_dir, workers)
+    _write_record(run_dir, "data", config)
+
+
+def _clean_and_save(config: Config, run_dir: Path, workers: int) -> None:
+    """Load every split, clean it, and write the kept pairs and report.json into data/."""
+    raw = load_corpus(config.data, run_dir / "cache", workers)
     report: dict[str, Any] = {}
     with replace_directory(run_dir / "data") as out:
         for split, pairs in raw.items():
-            kept, dropped = clean(pairs, config.data, workers)
+            kept, dropped = clean(pairs, config.data, workers, desc=f"cleaning {split}")
             if split == "valid" and config.data.max_valid:
                 kept = kept.select(range(min(len(kept), config.data.max_valid)))
             if split == "train" and len(kept) == 0:
@@ -134,26 +141,25 @@ def prepare_data(config: Config, run_dir: Path) -> None:
                 raise DataError(f"{_train_source(config)}: the training corpus is empty after "
                                 f"cleaning ({len(pairs):,} pairs read; dropped: "
                                 f"{why or 'none'})")
-            save(kept, out / split)
+            _save(kept, out / split)
             if split == "test":  # held-out text for `traduire eval`, as plain aligned files
-                _write_text(kept, out, config.data)
+                _write_text(kept, out, split, config.data)
             report[split] = {"read": len(pairs), "kept": len(kept), "dropped": dropped}
             console.print(f"  {split}: {len(pairs):,} pairs read, {len(kept):,} kept"
                           + "".join(f", {n:,} {why}" for why, n in sorted(dropped.items())))
         atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    _write_record(run_dir, "data", config)
 
 
-def save(dataset: datasets.Dataset, path: Path) -> None:
+def _save(dataset: datasets.Dataset, path: Path) -> None:
     """dataset.save_to_disk, for empty datasets too (left to itself, `datasets` writes no
     shard for them, and then cannot load what it wrote)."""
     dataset.save_to_disk(str(path), num_shards=1 if len(dataset) == 0 else None)
 
 
-def _write_text(pairs: datasets.Dataset, out: Path, cfg: DataConfig) -> None:
+def _write_text(pairs: datasets.Dataset, out: Path, split: str, cfg: DataConfig) -> None:
     """Write the pairs as aligned text files out/<split>.<lang>, a chunk at a time."""
     for column, lang in (("src", cfg.src_lang), ("tgt", cfg.tgt_lang)):
-        with atomic_open(out / f"test.{lang}") as f:
+        with atomic_open(out / f"{split}.{lang}") as f:
             for chunk in pairs.select_columns([column]).with_format("arrow").iter(10_000):
                 f.writelines(f"{line}\n" for line in chunk.column(0).to_pylist())
 
@@ -182,11 +188,11 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
     # by name alone, so a retrained tokenizer must never find the old one.
     key = fingerprint(_plain({**stage_settings(config, "data"),
                               **stage_settings(config, "tokenizer")}))
-    with replace_directory(run_dir / "encoded") as out:
+    with replace_directory(run_dir / "encoded") as out, progress_bars(console.is_terminal):
         for split, pairs in (("train", train), ("valid", valid)):
             encoded = encode_corpus(pairs, tokenizer, cache / f"encoded-{split}-{key}.arrow",
-                                    workers)
-            save(encoded, out / split)
+                                    workers, desc=f"encoding {split}")
+            _save(encoded, out / split)
             pieces = [pc.sum(encoded.data.column(f"{side}_len")).as_py() or 0
                       for side in ("src", "tgt")]
             console.print(f"  {split}: {pieces[0]:,} source and {pieces[1]:,} target pieces")

@@ -127,10 +127,8 @@ def _train_model(sentences: Iterator[str], cfg: TokenizerConfig) -> bytes:
 
 def _training_error(message: str) -> str:
     """SentencePiece's complaint as a one-line message naming the key to change."""
-    if match := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value "
-                          r"<= (\d+)", message):
-        return (f"'tokenizer.vocab_size' ({match[1]}) is too large for this corpus: at most "
-                f"{match[2]} pieces can be made from it")
+    if match := re.search(r"Vocabulary size too high.*", message):
+        return f"'tokenizer.vocab_size' is too large for this corpus: {match[0]}"
     if match := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)",
                           message):
         return (f"'tokenizer.vocab_size' ({match[1]}) is too small for this corpus: its "
@@ -147,7 +145,7 @@ ENCODED_FEATURES = datasets.Features({
 
 
 def encode_corpus(pairs: datasets.Dataset, tokenizer: Tokenizer, cache_file: Path,
-                  workers: int = 1) -> datasets.Dataset:
+                  workers: int = 1, desc: str = "encoding") -> datasets.Dataset:
     """Add columns src_ids, tgt_ids, src_len, tgt_len (lengths without specials), encoded in
     up to `workers` processes (the same ids for any number) and cached on disk in the run
     directory."""
@@ -156,7 +154,7 @@ def encode_corpus(pairs: datasets.Dataset, tokenizer: Tokenizer, cache_file: Pat
                                           features=ENCODED_FEATURES)
     return pairs.map(_encode, batched=True, batch_size=10_000, features=ENCODED_FEATURES,
                      cache_file_name=str(cache_file), num_proc=processes(len(pairs), workers),
-                     fn_kwargs={"tokenizer": tokenizer})
+                     desc=desc, fn_kwargs={"tokenizer": tokenizer})
 
 
 def _encode(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, Any]:
