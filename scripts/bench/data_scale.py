@@ -25,8 +25,10 @@ same script measures the code before and after a rewrite of the data pipeline.
 
 Peak RSS is sampled every 0.2 s over the benchmark process and all its descendants (e.g.
 `datasets` worker processes) and summed; pages shared between forked processes count once per
-process, so with workers it overstates the memory the machine really needs. The kernel's own
-high-water mark of the benchmark process alone is reported beside it.
+process, so with workers it overstates the memory the machine really needs. The summed PSS
+(proportional set size: a page shared by k processes counts 1/k in each) is sampled beside it
+where the kernel has /proc/<pid>/smaps_rollup: that is what the process tree really holds. The
+kernel's own high-water mark of the benchmark process alone is reported too.
 
 Prints one JSON line per size on stdout, then a table. Progress goes to stderr.
 """
@@ -239,19 +241,32 @@ def _rss_kib(pid: int) -> int:
     return 0  # ended, or a zombie (no VmRSS line)
 
 
-def tree_rss_kib(root: int, use_children_files: bool) -> tuple[int, int]:
-    """Summed VmRSS of `root` and all its descendants, and how many processes that is."""
+def _pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0  # ended, or a kernel without smaps_rollup
+
+
+def tree_rss_kib(root: int, use_children_files: bool, pss: bool = False
+                 ) -> tuple[int, int, int]:
+    """Summed VmRSS of `root` and all its descendants, how many processes that is, and (if
+    `pss`) their summed PSS (else 0)."""
     tree = None if use_children_files else _children_from_stat()
-    total, count, todo, seen = 0, 0, [root], set()
+    total, total_pss, count, todo, seen = 0, 0, 0, [root], set()
     while todo:
         pid = todo.pop()
         if pid in seen:
             continue
         seen.add(pid)
         total += _rss_kib(pid)
+        total_pss += _pss_kib(pid) if pss else 0
         count += 1
         todo += _children_from_tasks(pid) if tree is None else tree.get(pid, [])
-    return total, count
+    return total, count, total_pss
 
 
 class PeakSampler(threading.Thread):
@@ -263,12 +278,16 @@ class PeakSampler(threading.Thread):
         self.stage_of = stage_of
         self.use_children_files = _has_children_files()
         self.stop_event = threading.Event()
+        self.has_pss = Path(f"/proc/{os.getpid()}/smaps_rollup").exists()
         self.peak_kib, self.peak_stage, self.max_processes = 0, "", 1
+        self.peak_pss_kib = 0
         self.stage_peak_kib: dict[str, int] = {}
         self.samples, self.max_gap_s = 0, 0.0
 
     def sample(self) -> None:
-        kib, processes = tree_rss_kib(os.getpid(), self.use_children_files)
+        kib, processes, pss_kib = tree_rss_kib(os.getpid(), self.use_children_files,
+                                               self.has_pss)
+        self.peak_pss_kib = max(self.peak_pss_kib, pss_kib)
         stage = self.stage_of()
         self.samples += 1
         self.max_processes = max(self.max_processes, processes)
@@ -359,6 +378,15 @@ def version(package: str) -> str | None:
         return None
 
 
+def _workers_used(config: Any) -> int | None:
+    """data.workers resolved (0: every core), on code that has it; None before."""
+    try:
+        from traduire.device import data_workers
+    except ImportError:
+        return None
+    return data_workers(config.data.workers)
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Run the data and tokenizer stages on one corpus (in this process) and measure them."""
     import traduire
@@ -388,7 +416,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         setattr(pipeline, name, timer.wrap(stage, original))
     prepare = getattr(pipeline, "prepare", None)
 
-    baseline_kib, _ = tree_rss_kib(os.getpid(), _has_children_files())
+    baseline_kib, _, _ = tree_rss_kib(os.getpid(), _has_children_files())
     sampler = PeakSampler(timer.current)
     sampler.start()
     start = time.perf_counter()
@@ -428,6 +456,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "pairs_per_s": round(n / total),
         "peak_rss_mib": round(sampler.peak_kib * mib),
         "peak_stage": sampler.peak_stage,
+        "peak_pss_mib": round(sampler.peak_pss_kib * mib) if sampler.has_pss else None,
         "peak_rss_self_hwm_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * mib),
         "baseline_rss_mib": round(baseline_kib * mib),
         "max_processes": sampler.max_processes, "rss_samples": sampler.samples,
@@ -436,6 +465,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "config": str(args.config),
         "overrides": [o for o in overrides if not o.startswith("data.dir=")],
         "workers": getattr(config.data, "workers", None),
+        "workers_used": _workers_used(config),
         "vocab_size": config.tokenizer.vocab_size,
         "input_sentence_size": config.tokenizer.input_sentence_size,
         "cpu": cpu_model(), "isa": isa_flags(), "cores": len(os.sched_getaffinity(0)),
@@ -504,7 +534,8 @@ def table_row(result: dict[str, Any]) -> dict[str, Any]:
     for stage in (*STAGES, "other"):
         row[f"{stage}_s"] = result["stages"].get(stage, {}).get("seconds")
     return {**row, "total_s": result["total_seconds"], "pairs/s": result["pairs_per_s"],
-            "peak_rss_mib": result["peak_rss_mib"], "peak_in": result["peak_stage"]}
+            "peak_rss_mib": result["peak_rss_mib"], "peak_in": result["peak_stage"],
+            "peak_pss_mib": result.get("peak_pss_mib")}
 
 
 def main() -> None:
@@ -558,7 +589,7 @@ def main() -> None:
     print()
     print_table([table_row(r) for r in results],
                 ["n", *(f"{s}_s" for s in (*STAGES, "other")), "total_s", "pairs/s",
-                 "peak_rss_mib", "peak_in"])
+                 "peak_rss_mib", "peak_in", "peak_pss_mib"])
     done = next((r for r in results if "error" not in r), None)
     if done:
         print(f"traduire {done['commit'][:7] if done['commit'] else '?'} (package last changed "
