@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
@@ -20,13 +21,14 @@ from hypothesis import strategies as st
 
 from conftest import make_pair, tiny_settings, write_config
 from traduire import device, distributed
+from traduire.batch import length_order
 from traduire.checkpoint import step_checkpoints
 from traduire.config import config_from_dict
 from traduire.errors import TraduireError
 from traduire.pipeline import prepare, train
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="torch.distributed unavailable")
+needs_distributed = pytest.mark.skipif(not torch.distributed.is_available(),
+                                       reason="torch.distributed unavailable")
 
 
 # --- prepare, then train ----------------------------------------------------------------------
@@ -48,8 +50,6 @@ def test_prepare_then_train_skips_both_stages(tmp_path, tiny_config_path, capsys
 
 def prepared_files(run_dir: Path) -> dict[str, object]:
     """What prepare made, as comparable values: text, report, SentencePiece model, token ids."""
-    import datasets
-
     out: dict[str, object] = {
         "report": json.loads((run_dir / "data" / "report.json").read_text()),
         "spm": (run_dir / "tokenizer" / "spm.model").read_bytes()}
@@ -64,7 +64,8 @@ def prepared_files(run_dir: Path) -> dict[str, object]:
 
 def test_prepare_gives_the_same_results_for_one_and_two_workers(tmp_path, corpus_dir,
                                                                monkeypatch):
-    # Some pairs to drop for each reason, on both sides of where the workers split the data.
+    # Pairs to drop for each reason (the toy corpus repeats pairs all along, so duplicates
+    # fall in both workers' shares and across them).
     with open(corpus_dir / "train.en", "a", encoding="utf-8") as en, \
             open(corpus_dir / "train.fr", "a", encoding="utf-8") as fr:
         en.write("the dog runs\n\n" + "dog " * 300 + "\nthe\n")
@@ -83,6 +84,47 @@ def test_prepare_gives_the_same_results_for_one_and_two_workers(tmp_path, corpus
     assert prepared_files(tmp_path / "one") == one
 
 
+def test_held_out_bible_text_is_written_as_aligned_files(tmp_path):
+    import sqlite3
+
+    from traduire.pipeline import prepare_data
+
+    db = tmp_path / "bible.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE bible (id INTEGER, bbName TEXT, bNumber INTEGER, "
+                    "cNumber INTEGER, vNumber INTEGER, vText TEXT)")
+        # Genesis to train on, Acts (44) to validate, John (43) held out as the test split.
+        verses = [(book, verse) for book in (1, 44, 43) for verse in range(1, 9)]
+        con.executemany("INSERT INTO bible VALUES (?, ?, ?, ?, ?, ?)", [
+            (0, version, book, 1, verse, f"{word} {book} {verse % 6} ...")
+            for book, verse in verses for version, word in (("4", "verse"), ("l", "verset"))])
+    con.close()
+    config = config_from_dict({"data": {"source": "bible", "bible_db": str(db)}})
+    prepare_data(config, tmp_path / "run")
+    data = tmp_path / "run" / "data"
+    # John 1:7 and 1:8 repeat 1:1 and 1:2 (verse % 6): dropped as duplicates.
+    assert (data / "test.en").read_text("utf-8").splitlines() == [
+        f"verse 43 {verse} ..." for verse in range(6)[1:]] + ["verse 43 0 ..."]
+    assert (data / "test.fr").read_text("utf-8").splitlines() == [
+        f"verset 43 {verse} ..." for verse in range(6)[1:]] + ["verset 43 0 ..."]
+    report = json.loads((data / "report.json").read_text())
+    assert report["test"] == {"read": 8, "kept": 6, "dropped": {"duplicate": 2}}
+
+
+# --- a prepared run starts training at once ----------------------------------------------------
+
+
+@pytest.mark.parametrize("longest", [90, 2**40])  # packed into one key; too long to pack
+def test_length_order_is_lexsorts_order(longest):
+    rng = np.random.default_rng(longest % 97)
+    src, tgt = rng.integers(1, 30, 5000), rng.integers(1, 30, 5000)  # many ties
+    src[::101], tgt[::103] = longest, longest
+    tie_break = rng.permutation(5000)
+    assert np.array_equal(length_order(src, tgt, tie_break),
+                          np.lexsort((tie_break, src, tgt)))
+    assert len(length_order(src[:0], tgt[:0], tie_break[:0])) == 0
+
+
 # --- a fresh run directory under torchrun ---------------------------------------------------------
 
 
@@ -97,7 +139,7 @@ def torchrun(args: list[str], env: dict[str, str], timeout: float = 180
 
 # Loaded at start-up by every Python process that has its folder on PYTHONPATH: on rank 0 it
 # makes cleaning the training split sleep, so the data stage outlasts the process group's
-# timeout.
+# timeout, and has the 200 training pairs cleaned and encoded by worker processes.
 SLOW_CLEANING = """
 import os
 
@@ -105,7 +147,9 @@ if os.environ.get("RANK") == "0":
     import time
 
     import traduire.data
+    import traduire.device
 
+    traduire.device.ROWS_PER_PROCESS = 50
     original = traduire.data.clean
 
     def slow_clean(pairs, *args, **kwargs):
@@ -117,6 +161,7 @@ if os.environ.get("RANK") == "0":
 """
 
 
+@needs_distributed
 def test_rank_0_may_prepare_for_longer_than_the_process_group_timeout(tmp_path, corpus_dir):
     hooks = tmp_path / "hooks"
     hooks.mkdir()
@@ -132,6 +177,7 @@ def test_rank_0_may_prepare_for_longer_than_the_process_group_timeout(tmp_path, 
     assert [p.name for p in step_checkpoints(run_dir / "checkpoints")] == ["step_00000002.pt"]
 
 
+@needs_distributed
 def test_a_failure_while_preparing_ends_every_rank_with_its_message(tmp_path, corpus_dir):
     lines = (corpus_dir / "train.fr").read_text(encoding="utf-8").splitlines()
     (corpus_dir / "train.fr").write_text("".join(f"{line}\n" for line in lines[:-1]), "utf-8")
@@ -152,6 +198,7 @@ def test_a_failure_while_preparing_ends_every_rank_with_its_message(tmp_path, co
     assert elapsed < 60, f"job took {elapsed:.0f}s to end"
 
 
+@needs_distributed
 def test_a_waiting_rank_stopped_by_the_launcher_still_gives_rank_0s_error(tmp_path,
                                                                           monkeypatch):
     # torchrun stops the other ranks as soon as rank 0 exits, which may be before they poll
