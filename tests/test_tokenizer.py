@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import random
+
 import datasets
 import numpy as np
 import pytest
 import sentencepiece as spm
 
+from conftest import make_pair
 from traduire import device
 from traduire.config import TokenizerConfig
 from traduire.errors import ConfigError
@@ -98,3 +102,18 @@ def test_encoding_gives_the_same_ids_in_one_or_two_processes(tmp_path, monkeypat
     assert one.to_dict() == two.to_dict()
     assert one["src_ids"] == tokenizer.encode_src(text[:150])
     assert one["tgt_len"] == [len(ids) for ids in tokenizer.encode_tgt(text[150:])]
+
+
+def test_the_tokenizer_does_not_depend_on_the_cores_of_the_machine(tmp_path, monkeypatch):
+    # SentencePiece's model changes with its number of threads (on this corpus too: 1, 2 and 64
+    # threads make three different models); they must not follow the cores.
+    rng = random.Random(0)
+    toy = [make_pair(rng) for _ in range(300)]
+    pairs = datasets.Dataset.from_dict({"src": [s for s, _ in toy], "tgt": [t for _, t in toy]})
+    models = []
+    for cores in ({0}, set(range(64))):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: cores,
+                            raising=False)
+        train_tokenizer(pairs, TokenizerConfig(vocab_size=40), tmp_path / str(len(cores)))
+        models.append((tmp_path / str(len(cores)) / "spm.model").read_bytes())
+    assert models[0] == models[1]
