@@ -48,6 +48,13 @@ def test_prepare_then_train_skips_both_stages(tmp_path, tiny_config_path, capsys
     assert state.step == 2
 
 
+def test_prepare_under_torchrun_refuses_to_start(tmp_path, tiny_config_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in every rank
+    with pytest.raises(TraduireError, match="start it without torchrun"):
+        prepare(tiny_config_path, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def prepared_files(run_dir: Path) -> dict[str, object]:
     """What prepare made, as comparable values: text, report, SentencePiece model, token ids."""
     out: dict[str, object] = {

@@ -26,6 +26,7 @@ Run directory layout:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,12 @@ def train(config: Config | str | Path, run_dir: str | Path, overrides: list[str]
 def prepare(config: Config | str | Path, run_dir: str | Path, overrides: list[str] = (),
             overwrite: bool = False) -> None:
     """The data and tokenizer stages alone: `traduire prepare`, what to run once on one
-    machine before many GPUs train."""
+    machine before many GPUs train. One process: under torchrun it refuses to start, since
+    every rank would prepare the same run directory at once."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TraduireError("traduire prepare runs in one process: start it without torchrun "
+                            "(its cleaning and encoding use every core), then train under "
+                            "torchrun")
     config, run_dir = _as_config(config, overrides), Path(run_dir)
     redo = check_run_dir(run_dir, config, overwrite, stages=("data", "tokenizer"))
     _start(run_dir, config, redo)
