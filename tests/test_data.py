@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 
 import datasets
 import pytest
 
 from traduire.config import DataConfig
-from traduire.data import clean, load_corpus
+from traduire.data import clean, load_corpus, pair_hash
 from traduire.errors import DataError
 
 # --- loading -----------------------------------------------------------------------------------
@@ -222,3 +223,42 @@ def test_clean_of_the_toy_corpus_counts_duplicates(corpus_dir, tmp_path):
     assert len(kept) == len(set(pairs))
     assert dropped == ({"duplicate": len(pairs) - len(set(pairs))}
                        if len(set(pairs)) < len(pairs) else {})
+
+
+def test_dedupe_keeps_first_occurrences_and_the_counts_add_up():
+    src = ["a b", "c d", "a b", "", "a b", "c d", "e f", "c  d ", "x " * 9, "a b"]
+    tgt = ["1 2", "3 4", "1 2", "5", "1 3", "3 4", "5 6", "3 4", "y", "1 2"]
+    kept, dropped = clean(datasets.Dataset.from_dict({"src": src, "tgt": tgt}),
+                          DataConfig(dir="x", max_ratio=3.0))
+    # "c  d " is not "c d": whitespace inside a sentence is text, only its ends are stripped.
+    assert list(zip(kept["src"], kept["tgt"])) == [
+        ("a b", "1 2"), ("c d", "3 4"), ("a b", "1 3"), ("e f", "5 6"), ("c  d", "3 4")]
+    assert dropped == {"duplicate": 3, "empty": 1, "length_ratio": 1}
+    assert len(kept) + sum(dropped.values()) == len(src)
+
+
+def test_cleaning_in_several_processes_gives_the_same_result(monkeypatch):
+    from traduire import device
+
+    rng = random.Random(3)
+    words = ["a", "b", "c", "d", " ", "\t", "\u00a0"]
+    pairs = [("".join(rng.choices(words, k=rng.randint(0, 14))),
+              "".join(rng.choices(words, k=rng.randint(0, 14)))) for _ in range(260)]
+    pairs += rng.sample(pairs, 40)  # repeats, some in another process than the first
+    dataset = datasets.Dataset.from_dict({"src": [s for s, _ in pairs],
+                                          "tgt": [t for _, t in pairs]})
+    cfg = DataConfig(dir="x", max_words=5, max_ratio=2.0)
+    one = clean(dataset, cfg, workers=1)
+    monkeypatch.setattr(device, "ROWS_PER_PROCESS", 40)  # 300 pairs: 3 processes of 100
+    three = clean(dataset, cfg, workers=3)
+    assert one[1] == three[1] and set(one[1]) == {"empty", "too_long", "length_ratio",
+                                                  "duplicate"}
+    assert one[0].to_dict() == three[0].to_dict()
+
+
+def test_pair_hash_is_fixed():
+    # Written out: Python's own hash() of a string changes from process to process
+    # (PYTHONHASHSEED), and workers must agree on which pairs are the same.
+    assert pair_hash("le chat", "the cat") == 659159919009448642
+    assert pair_hash("a\x00b", "\u2028") == 17579735162331002132
+    assert pair_hash("ab", "c") != pair_hash("a", "bc")

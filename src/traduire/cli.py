@@ -171,8 +171,18 @@ def train(run_dir: RunDir, config: ConfigFile = None, set_: Overrides = None,
 @command
 def prepare(run_dir: RunDir, config: ConfigFile = None, set_: Overrides = None,
             overwrite: Overwrite = False) -> None:
-    """Run the data and tokenizer stages only (what train does first). Run it once, on one
-    machine, before launching many GPUs on a large corpus."""
+    """Prepare a run without training: load and clean the corpus, train SentencePiece, and
+    encode both splits (the data and tokenizer stages that train runs first).
+
+    Run it once, on one machine, before launching many GPUs on a large corpus; `traduire
+    train --run-dir RUN_DIR` (under torchrun or not) then finds both stages done and starts
+    training at once.
+
+    Stages already done with the same settings are skipped. If a setting they depend on
+    changed, prepare stops and names it; --overwrite redoes that stage and those after it.
+    Cleaning and encoding use data.workers processes (0, the default: every core this process
+    may use); the results are the same for any number. What cleaning dropped, and why, is
+    counted in RUN_DIR/data/report.json."""
     from traduire import pipeline
 
     pipeline.prepare(_config(run_dir, config, set_), run_dir, overwrite=overwrite)

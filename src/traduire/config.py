@@ -48,6 +48,9 @@ class DataConfig:
     dedupe: bool = True
     skip_invalid_utf8: bool = False
     max_valid: int = 0  # 0 = keep the whole validation set
+    # Processes that clean and encode (0: every core this process may use). The results are
+    # the same for any number, so it may change between runs of a run directory.
+    workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class TokenizerConfig:
     vocab_size: int = 8000
     joint: bool = True  # one vocabulary for both languages (needed to tie all embeddings)
     character_coverage: float = 1.0
-    input_sentence_size: int = 2_000_000  # sentences sampled for SentencePiece training
+    input_sentence_size: int = 2_000_000  # sentences sampled for SentencePiece training (0: all)
     pad_id: int = 0
     unk_id: int = 1
     bos_id: int = 2
@@ -306,7 +309,9 @@ def _check_values(config: Config, origin: str) -> None:
                     "train.min_lr": config.train.min_lr,
                     "train.patience": config.train.patience,
                     "train.average_last": config.train.average_last,
-                    "data.max_valid": config.data.max_valid}
+                    "data.max_valid": config.data.max_valid,
+                    "data.workers": config.data.workers,
+                    "tokenizer.input_sentence_size": config.tokenizer.input_sentence_size}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{origin}: '{key}' must not be negative; got {value}")

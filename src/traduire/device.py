@@ -1,6 +1,9 @@
-"""Where and in what precision to compute: `device: auto` and `precision: auto` resolved."""
+"""Where and in what precision to compute: `device: auto` and `precision: auto` resolved, and
+the CPU cores the data stages may use."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -48,3 +51,30 @@ def decoding_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return precision
+
+
+# --- CPU cores ---------------------------------------------------------------------------------
+
+# Below this many rows per process, `datasets` is given fewer processes (a small split runs in
+# this one): starting a worker costs more than it saves.
+ROWS_PER_PROCESS = 50_000
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity, e.g. a cluster job's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def data_workers(workers: int) -> int:
+    """`data.workers` resolved: 0 is every core this process may use."""
+    return workers or available_cores()
+
+
+def processes(rows: int, workers: int) -> int | None:
+    """How many processes `datasets` should use on `rows` rows, at most `workers` (None: this
+    process alone)."""
+    n = min(workers, rows // ROWS_PER_PROCESS)
+    return n if n > 1 else None

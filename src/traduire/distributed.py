@@ -147,19 +147,58 @@ def run_on_main(work: Callable[[], None], status_file: Path, ctx: Context,
             raise
         _write_status(status_file, token, "done", "")
         return
+    with _TerminateRaises():
+        try:
+            _wait_for_main(status_file, token, ctx, say)
+        except _Terminated:
+            # The launcher stops the waiting ranks as soon as rank 0 exits, often before
+            # they poll again: rank 0's outcome, if it wrote one, is still the news to give.
+            _check_status(_read_status(status_file), token, ctx)
+            raise SystemExit(128 + signal.SIGTERM) from None
+
+
+def _wait_for_main(status_file: Path, token: str, ctx: Context,
+                   say: Callable[[str], None]) -> None:
     started = last_said = time.monotonic()
-    while True:
-        status = _read_status(status_file)
-        if status is not None and status.get("token") == token:
-            if status["state"] == "done":
-                return
-            raise TraduireError(f"rank {ctx.rank}: rank 0 failed while preparing the run: "
-                                f"{status['message']}")
+    while not _check_status(_read_status(status_file), token, ctx):
         time.sleep(0.5)
         if time.monotonic() - last_said >= 60:
             last_said = time.monotonic()
             say(f"rank {ctx.rank}: waiting for rank 0 to prepare the data and tokenizer "
                 f"({(last_said - started) / 60:.0f} min)")
+
+
+def _check_status(status: dict[str, Any] | None, token: str, ctx: Context) -> bool:
+    """True if rank 0 is done preparing for this launch; raises its error if it failed."""
+    if status is None or status.get("token") != token:
+        return False
+    if status.get("state") == "failed":
+        raise TraduireError(f"rank {ctx.rank}: rank 0 failed while preparing the run: "
+                            f"{status.get('message')}")
+    return status.get("state") == "done"
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived."""
+
+
+class _TerminateRaises:
+    """Within the block, SIGTERM raises _Terminated in the main thread instead of ending the
+    process at once (outside the main thread, signals cannot be caught: nothing changes)."""
+
+    def __enter__(self) -> _TerminateRaises:
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class StopRequest:

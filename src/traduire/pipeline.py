@@ -27,19 +27,21 @@ Run directory layout:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow.compute as pc
 import yaml
 from rich.console import Console
 
 from traduire import distributed
 from traduire.batch import EncodedCorpus
-from traduire.config import BOUND_KEYS, Config, changed_keys, fingerprint, load_config
-from traduire.data import clean, load_corpus
-from traduire.device import resolve_device
+from traduire.config import BOUND_KEYS, Config, DataConfig, changed_keys, fingerprint, load_config
+from traduire.data import clean, load_corpus, progress_bars
+from traduire.device import data_workers, resolve_device
 from traduire.errors import CheckpointError, DataError, TraduireError
 from traduire.files import atomic_open, atomic_write_text, move_aside, replace_directory
 from traduire.tokenizer import Tokenizer, encode_corpus, train_tokenizer
@@ -70,7 +72,12 @@ def train(config: Config | str | Path, run_dir: str | Path, overrides: list[str]
 def prepare(config: Config | str | Path, run_dir: str | Path, overrides: list[str] = (),
             overwrite: bool = False) -> None:
     """The data and tokenizer stages alone: `traduire prepare`, what to run once on one
-    machine before many GPUs train."""
+    machine before many GPUs train. One process: under torchrun it refuses to start, since
+    every rank would prepare the same run directory at once."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TraduireError("traduire prepare runs in one process: start it without torchrun "
+                            "(its cleaning and encoding use every core), then train under "
+                            "torchrun")
     config, run_dir = _as_config(config, overrides), Path(run_dir)
     redo = check_run_dir(run_dir, config, overwrite, stages=("data", "tokenizer"))
     _start(run_dir, config, redo)
@@ -121,12 +128,20 @@ def prepare_data(config: Config, run_dir: Path) -> None:
         console.print("data: done (skipped)")
         return
     _move_leftovers(run_dir, "data")
-    console.print("data: loading and cleaning the corpus")
-    raw = load_corpus(config.data, run_dir / "cache")
+    workers = data_workers(config.data.workers)
+    console.print(f"data: loading and cleaning the corpus ({_processes(workers)})")
+    with progress_bars(console.is_terminal):
+        _clean_and_save(config, run_dir, workers)
+    _write_record(run_dir, "data", config)
+
+
+def _clean_and_save(config: Config, run_dir: Path, workers: int) -> None:
+    """Load every split, clean it, and write the kept pairs and report.json into data/."""
+    raw = load_corpus(config.data, run_dir / "cache", workers)
     report: dict[str, Any] = {}
     with replace_directory(run_dir / "data") as out:
         for split, pairs in raw.items():
-            kept, dropped = clean(pairs, config.data)
+            kept, dropped = clean(pairs, config.data, workers, desc=f"cleaning {split}")
             if split == "valid" and config.data.max_valid:
                 kept = kept.select(range(min(len(kept), config.data.max_valid)))
             if split == "train" and len(kept) == 0:
@@ -134,17 +149,27 @@ def prepare_data(config: Config, run_dir: Path) -> None:
                 raise DataError(f"{_train_source(config)}: the training corpus is empty after "
                                 f"cleaning ({len(pairs):,} pairs read; dropped: "
                                 f"{why or 'none'})")
-            kept.save_to_disk(str(out / split))
+            _save(kept, out / split)
             if split == "test":  # held-out text for `traduire eval`, as plain aligned files
-                for column, lang in (("src", config.data.src_lang), ("tgt", config.data.tgt_lang)):
-                    with atomic_open(out / f"test.{lang}") as f:
-                        for line in kept[column]:
-                            f.write(f"{line}\n")
+                _write_text(kept, out, split, config.data)
             report[split] = {"read": len(pairs), "kept": len(kept), "dropped": dropped}
             console.print(f"  {split}: {len(pairs):,} pairs read, {len(kept):,} kept"
                           + "".join(f", {n:,} {why}" for why, n in sorted(dropped.items())))
         atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    _write_record(run_dir, "data", config)
+
+
+def _save(dataset: datasets.Dataset, path: Path) -> None:
+    """dataset.save_to_disk, for empty datasets too (left to itself, `datasets` writes no
+    shard for them, and then cannot load what it wrote)."""
+    dataset.save_to_disk(str(path), num_shards=1 if len(dataset) == 0 else None)
+
+
+def _write_text(pairs: datasets.Dataset, out: Path, split: str, cfg: DataConfig) -> None:
+    """Write the pairs as aligned text files out/<split>.<lang>, a chunk at a time."""
+    for column, lang in (("src", cfg.src_lang), ("tgt", cfg.tgt_lang)):
+        with atomic_open(out / f"{split}.{lang}") as f:
+            for chunk in pairs.select_columns([column]).with_format("arrow").iter(10_000):
+                f.writelines(f"{line}\n" for line in chunk.column(0).to_pylist())
 
 
 def prepare_tokenizer(config: Config, run_dir: Path) -> None:
@@ -155,31 +180,38 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
     _move_leftovers(run_dir, "tokenizer")
     train = datasets.load_from_disk(str(run_dir / "data" / "train"))
     valid = datasets.load_from_disk(str(run_dir / "data" / "valid"))
-    console.print(f"tokenizer: training SentencePiece {config.tokenizer.model_type} "
-                  f"({config.tokenizer.vocab_size} pieces) on {len(train):,} pairs")
+    cfg = config.tokenizer
+    sentences = len(train) * (2 if cfg.joint else 1)  # per model
+    sample = min(cfg.input_sentence_size or sentences, sentences)
+    console.print(f"tokenizer: training SentencePiece {cfg.model_type} ({cfg.vocab_size} pieces) "
+                  f"on {sample:,} of {sentences:,} sentences")
     with replace_directory(run_dir / "tokenizer") as out:
         train_tokenizer(train, config.tokenizer, out)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    workers = data_workers(config.data.workers)
+    console.print(f"tokenizer: encoding ({_processes(workers)})")
     cache = run_dir / "cache"
     cache.mkdir(exist_ok=True)
     # The cache file is named by the settings that made it: `datasets` reuses a cache file
     # by name alone, so a retrained tokenizer must never find the old one.
     key = fingerprint(_plain({**stage_settings(config, "data"),
                               **stage_settings(config, "tokenizer")}))
-    with replace_directory(run_dir / "encoded") as out:
+    with replace_directory(run_dir / "encoded") as out, progress_bars(console.is_terminal):
         for split, pairs in (("train", train), ("valid", valid)):
-            encoded = encode_corpus(pairs, tokenizer, cache / f"encoded-{split}-{key}.arrow")
-            encoded.save_to_disk(str(out / split))
-            table = encoded.with_format("arrow")
-            console.print(f"  {split}: {table['src_len'].to_numpy().sum():,} source and "
-                          f"{table['tgt_len'].to_numpy().sum():,} target pieces")
+            encoded = encode_corpus(pairs, tokenizer, cache / f"encoded-{split}-{key}.arrow",
+                                    workers, desc=f"encoding {split}")
+            _save(encoded, out / split)
+            pieces = [pc.sum(encoded.data.column(f"{side}_len")).as_py() or 0
+                      for side in ("src", "tgt")]
+            console.print(f"  {split}: {pieces[0]:,} source and {pieces[1]:,} target pieces")
     _write_record(run_dir, "tokenizer", config)
 
 
 def stage_settings(config: Config, stage: str) -> dict[str, Any]:
     """The config keys whose values determine a stage's output."""
     if stage == "data":
-        return {"data": asdict(config.data)}
+        # How many processes clean the data does not change what they make.
+        return {"data": {k: v for k, v in asdict(config.data).items() if k != "workers"}}
     if stage == "tokenizer":
         return {"tokenizer": asdict(config.tokenizer)}
     train_settings = {k: v for k, v in asdict(config.train).items() if k not in BOUND_KEYS}
@@ -255,6 +287,10 @@ def _move_leftovers(run_dir: Path, stage: str) -> None:
     if moved:
         console.print(f"{stage}: outputs without a stage record moved to {moved}",
                       markup=False, highlight=False, soft_wrap=True)
+
+
+def _processes(workers: int) -> str:
+    return f"up to {workers} processes" if workers > 1 else "1 process"
 
 
 def _train_source(config: Config) -> str:

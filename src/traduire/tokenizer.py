@@ -7,14 +7,17 @@ share one embedding matrix between source, target and output; otherwise each sid
 from __future__ import annotations
 
 import io
-import itertools
-import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import datasets
+import numpy as np
 import sentencepiece as spm
 
 from traduire.config import TokenizerConfig
+from traduire.device import processes
 from traduire.errors import ConfigError
 from traduire.files import atomic_write_bytes
 
@@ -56,64 +59,110 @@ class Tokenizer:
         return [self.tgt.id_to_piece(i) for i in ids]
 
 
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity, e.g. a cluster job's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _processor(path: Path) -> spm.SentencePieceProcessor:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: SentencePiece model not found")
     return spm.SentencePieceProcessor(model_file=str(path))
 
 
+# SentencePiece's training sample is drawn with this seed: the tokenizer stage's output depends on
+# its settings and the data alone.
+SAMPLE_SEED = 0
+SAMPLE_CHUNK = 100_000  # rows read from Arrow at a time while sampling
+# SentencePiece adds up its counts thread by thread, so the model it makes depends on its number
+# of threads (with 1, 2 and 4 threads on Multi30k: other pieces, other ids). A fixed number makes
+# the tokenizer the same on every machine; 16 keep the cores of most machines busy.
+SPM_THREADS = 16
+
+
 def train_tokenizer(train: datasets.Dataset, cfg: TokenizerConfig, out_dir: Path) -> Tokenizer:
-    """Train SentencePiece on the training text and write spm.model (or spm.src/tgt.model)."""
+    """Train SentencePiece and write spm.model (or spm.src/tgt.model).
+
+    It trains on a uniform random sample of `cfg.input_sentence_size` training sentences (of
+    both sides when joint), read from the Arrow table chunk by chunk, in SPM_THREADS threads:
+    the same model on any machine."""
+    size = cfg.input_sentence_size
     if cfg.joint:
-        texts = itertools.chain(train["src"], train["tgt"])
-        atomic_write_bytes(out_dir / "spm.model", _train_model(texts, cfg))
+        sentences = sample_sentences(train, ["src", "tgt"], size)
+        atomic_write_bytes(out_dir / "spm.model", _train_model(sentences, cfg))
     else:
-        atomic_write_bytes(out_dir / "spm.src.model", _train_model(iter(train["src"]), cfg))
-        atomic_write_bytes(out_dir / "spm.tgt.model", _train_model(iter(train["tgt"]), cfg))
+        for column, side in (("src", "src"), ("tgt", "tgt")):
+            sentences = sample_sentences(train, [column], size)
+            atomic_write_bytes(out_dir / f"spm.{side}.model", _train_model(sentences, cfg))
     return Tokenizer.load(out_dir)
 
 
-def _train_model(sentences, cfg: TokenizerConfig) -> bytes:
+def sample_sentences(pairs: datasets.Dataset, columns: list[str], size: int,
+                     seed: int = SAMPLE_SEED) -> Iterator[str]:
+    """A uniform random sample, without replacement, of `size` of the sentences in `columns`
+    (every sentence if there are fewer), in corpus order, the same for the same seed.
+
+    Streamed: each chunk of rows gets its share of the sample from the hypergeometric
+    distribution (how many of the sentences still wanted fall in it), then that many of its
+    rows at random, so memory holds one chunk at a time."""
+    rng = np.random.default_rng(seed)
+    remaining = len(pairs) * len(columns)
+    wanted = min(size, remaining) if size > 0 else remaining
+    for column in columns:
+        chunks = pairs.select_columns([column]).with_format("arrow").iter(SAMPLE_CHUNK)
+        for chunk in chunks:
+            n = chunk.num_rows
+            take = int(rng.hypergeometric(n, remaining - n, wanted)) if wanted < remaining else n
+            rows = np.sort(rng.choice(n, size=take, replace=False)) if take < n else None
+            texts = chunk.column(0) if rows is None else chunk.column(0).take(rows)
+            yield from texts.to_pylist()
+            remaining, wanted = remaining - n, wanted - take
+
+
+def _train_model(sentences: Iterator[str], cfg: TokenizerConfig) -> bytes:
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=sentences, model_writer=model, model_type=cfg.model_type,
             vocab_size=cfg.vocab_size, character_coverage=cfg.character_coverage,
             pad_id=cfg.pad_id, unk_id=cfg.unk_id, bos_id=cfg.bos_id, eos_id=cfg.eos_id,
-            input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=True,
-            num_threads=available_cores(), minloglevel=2)
+            # The sentences are already the sample: SentencePiece keeps them all.
+            input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=False,
+            num_threads=SPM_THREADS, minloglevel=2)
     except RuntimeError as e:
-        message = " ".join(str(e).split())
-        if "Vocabulary size" in message or "vocab_size" in message:
-            # e.g. "Vocabulary size too high (8000). Please set it to a value <= 1234."
-            raise ConfigError(f"'tokenizer.vocab_size' is too large for this corpus: "
-                              f"{message.split(':')[-1].strip()}") from None
-        raise ConfigError(f"SentencePiece training failed: {message}") from None
+        raise ConfigError(_training_error(" ".join(str(e).split()))) from None
     return model.getvalue()
 
 
-def encode_corpus(pairs: datasets.Dataset, tokenizer: Tokenizer, cache_file: Path
-                  ) -> datasets.Dataset:
-    """Add columns src_ids, tgt_ids, src_len, tgt_len (lengths without specials), batched and
-    cached on disk in the run directory."""
+def _training_error(message: str) -> str:
+    """SentencePiece's complaint as a one-line message naming the key to change."""
+    if match := re.search(r"Vocabulary size too high.*", message):
+        return f"'tokenizer.vocab_size' is too large for this corpus: {match[0]}"
+    if match := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)",
+                          message):
+        return (f"'tokenizer.vocab_size' ({match[1]}) is too small for this corpus: its "
+                f"characters and the special pieces need {match[2]}; raise it, or lower "
+                "'tokenizer.character_coverage' to map rare characters to <unk>")
+    return f"SentencePiece training failed: {message}"
 
-    def encode(batch: dict) -> dict:
-        src_ids, tgt_ids = tokenizer.encode_src(batch["src"]), tokenizer.encode_tgt(batch["tgt"])
-        return {"src_ids": src_ids, "tgt_ids": tgt_ids,
-                "src_len": [len(s) for s in src_ids], "tgt_len": [len(t) for t in tgt_ids]}
 
-    features = datasets.Features({
-        "src": datasets.Value("string"), "tgt": datasets.Value("string"),
-        "src_ids": datasets.List(datasets.Value("int32")),
-        "tgt_ids": datasets.List(datasets.Value("int32")),
-        "src_len": datasets.Value("int32"), "tgt_len": datasets.Value("int32")})
-    return pairs.map(encode, batched=True, batch_size=10_000, features=features,
-                     cache_file_name=str(cache_file))
+_IDS = datasets.List(datasets.Value("int32"))
+ENCODED_FEATURES = datasets.Features({
+    "src": datasets.Value("string"), "tgt": datasets.Value("string"),
+    "src_ids": _IDS, "tgt_ids": _IDS,
+    "src_len": datasets.Value("int32"), "tgt_len": datasets.Value("int32")})
+
+
+def encode_corpus(pairs: datasets.Dataset, tokenizer: Tokenizer, cache_file: Path,
+                  workers: int = 1, desc: str = "encoding") -> datasets.Dataset:
+    """Add columns src_ids, tgt_ids, src_len, tgt_len (lengths without specials), encoded in
+    up to `workers` processes (the same ids for any number) and cached on disk in the run
+    directory."""
+    if len(pairs) == 0:  # map() would hand back the input, without the new columns
+        return datasets.Dataset.from_dict({name: [] for name in ENCODED_FEATURES},
+                                          features=ENCODED_FEATURES)
+    return pairs.map(_encode, batched=True, batch_size=10_000, features=ENCODED_FEATURES,
+                     cache_file_name=str(cache_file), num_proc=processes(len(pairs), workers),
+                     desc=desc, fn_kwargs={"tokenizer": tokenizer})
+
+
+def _encode(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, Any]:
+    src_ids, tgt_ids = tokenizer.encode_src(batch["src"]), tokenizer.encode_tgt(batch["tgt"])
+    return {"src_ids": src_ids, "tgt_ids": tgt_ids,
+            "src_len": np.fromiter(map(len, src_ids), dtype=np.int32, count=len(src_ids)),
+            "tgt_len": np.fromiter(map(len, tgt_ids), dtype=np.int32, count=len(tgt_ids))}

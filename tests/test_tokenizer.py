@@ -1,0 +1,119 @@
+"""Tests for traduire.tokenizer: SentencePiece trained on a streamed sample, corpus encoding."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import datasets
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from conftest import make_pair
+from traduire import device
+from traduire.config import TokenizerConfig
+from traduire.errors import ConfigError
+from traduire.tokenizer import encode_corpus, sample_sentences, train_tokenizer
+
+
+def numbered_pairs(n: int) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"src": [f"s{i}" for i in range(n)],
+                                       "tgt": [f"t{i}" for i in range(n)]})
+
+
+# --- the training sample -----------------------------------------------------------------------
+
+
+def test_sample_is_a_seeded_subset_in_corpus_order(monkeypatch):
+    monkeypatch.setattr("traduire.tokenizer.SAMPLE_CHUNK", 7)  # many chunks, a short last one
+    pairs = numbered_pairs(100)
+    sample = list(sample_sentences(pairs, ["src", "tgt"], 30))
+    assert len(sample) == len(set(sample)) == 30
+    order = [f"s{i}" for i in range(100)] + [f"t{i}" for i in range(100)]
+    assert sample == [s for s in order if s in set(sample)]  # a subset, in corpus order
+    assert list(sample_sentences(pairs, ["src", "tgt"], 30)) == sample
+    assert list(sample_sentences(pairs, ["src", "tgt"], 30, seed=1)) != sample
+
+
+def test_sample_of_more_than_there_is_is_everything():
+    pairs = numbered_pairs(10)
+    everything = [f"s{i}" for i in range(10)] + [f"t{i}" for i in range(10)]
+    assert list(sample_sentences(pairs, ["src", "tgt"], 1000)) == everything
+    assert list(sample_sentences(pairs, ["src", "tgt"], 0)) == everything  # 0: all
+    assert list(sample_sentences(pairs, ["tgt"], 20)) == everything[10:]
+
+
+def test_sample_is_uniform(monkeypatch):
+    # Over 300 samples of 20 of 60 sentences, each is drawn 100 times on average, and under
+    # uniform sampling within 100 +- 5 standard deviations (about 8) every time.
+    monkeypatch.setattr("traduire.tokenizer.SAMPLE_CHUNK", 8)
+    pairs = numbered_pairs(30)
+    counts: dict[str, int] = {}
+    for seed in range(300):
+        for s in sample_sentences(pairs, ["src", "tgt"], 20, seed=seed):
+            counts[s] = counts.get(s, 0) + 1
+    assert len(counts) == 60
+    assert 60 < min(counts.values()) and max(counts.values()) < 140
+
+
+def test_sentencepiece_sees_at_most_input_sentence_size_sentences(monkeypatch, tmp_path):
+    seen = []
+    original = spm.SentencePieceTrainer.train
+
+    def counting(**kwargs):
+        sentences = list(kwargs.pop("sentence_iterator"))
+        seen.append(len(sentences))
+        return original(sentence_iterator=iter(sentences), **kwargs)
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", counting)
+    words = "the a dog cat bird horse runs sleeps eats big small red".split()
+    rng = np.random.default_rng(0)
+    text = [" ".join(rng.choice(words, 6)) for _ in range(400)]
+    pairs = datasets.Dataset.from_dict({"src": text[:200], "tgt": text[200:]})
+    train_tokenizer(pairs, TokenizerConfig(vocab_size=30, input_sentence_size=150), tmp_path)
+    assert seen == [150]
+    train_tokenizer(pairs, TokenizerConfig(vocab_size=30, joint=False, input_sentence_size=120),
+                    tmp_path)
+    assert seen == [150, 120, 120]  # one model per side
+
+
+def test_vocabulary_too_small_for_the_characters_says_so(tmp_path):
+    text = ["".join(chr(0x4E00 + 7 * i + j) for j in range(7)) for i in range(20)]
+    pairs = datasets.Dataset.from_dict({"src": text, "tgt": text})
+    with pytest.raises(ConfigError, match=r"'tokenizer.vocab_size' \(20\) is too small.*"
+                                          r"character_coverage"):
+        train_tokenizer(pairs, TokenizerConfig(vocab_size=20), tmp_path)
+
+
+# --- encoding ----------------------------------------------------------------------------------
+
+
+def test_encoding_gives_the_same_ids_in_one_or_two_processes(tmp_path, monkeypatch):
+    words = "the a dog cat bird horse runs sleeps eats big small red".split()
+    rng = np.random.default_rng(1)
+    text = [" ".join(rng.choice(words, rng.integers(1, 9))) for _ in range(300)]
+    pairs = datasets.Dataset.from_dict({"src": text[:150], "tgt": text[150:]})
+    tokenizer = train_tokenizer(pairs, TokenizerConfig(vocab_size=30), tmp_path / "tok")
+    monkeypatch.setattr(device, "ROWS_PER_PROCESS", 20)
+    one = encode_corpus(pairs, tokenizer, tmp_path / "one.arrow", workers=1)
+    two = encode_corpus(pairs, tokenizer, tmp_path / "two.arrow", workers=2)
+    assert len(list(tmp_path.glob("two_*.arrow"))) == 2  # really two processes
+    assert one.to_dict() == two.to_dict()
+    assert one["src_ids"] == tokenizer.encode_src(text[:150])
+    assert one["tgt_len"] == [len(ids) for ids in tokenizer.encode_tgt(text[150:])]
+
+
+def test_the_tokenizer_does_not_depend_on_the_cores_of_the_machine(tmp_path, monkeypatch):
+    # SentencePiece's model changes with its number of threads (on this corpus too: 1, 2 and 64
+    # threads make three different models); they must not follow the cores.
+    rng = random.Random(0)
+    toy = [make_pair(rng) for _ in range(300)]
+    pairs = datasets.Dataset.from_dict({"src": [s for s, _ in toy], "tgt": [t for _, t in toy]})
+    models = []
+    for cores in ({0}, set(range(64))):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: cores,
+                            raising=False)
+        train_tokenizer(pairs, TokenizerConfig(vocab_size=40), tmp_path / str(len(cores)))
+        models.append((tmp_path / str(len(cores)) / "spm.model").read_bytes())
+    assert models[0] == models[1]
