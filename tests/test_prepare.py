@@ -46,6 +46,8 @@ def test_prepare_then_train_skips_both_stages(tmp_path, tiny_config_path, capsys
     assert "data: done (skipped)" in err and "tokenizer: done (skipped)" in err
     assert {name: (run_dir / name).stat().st_ino for name in made} == made  # not rewritten
     assert state.step == 2
+    # datasets' intermediate copies are gone once both stages have saved their outputs.
+    assert not (run_dir / "cache").exists()
 
 
 def test_prepare_under_torchrun_refuses_to_start(tmp_path, tiny_config_path, monkeypatch):

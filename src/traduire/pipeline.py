@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,9 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
                       for side in ("src", "tgt")]
             console.print(f"  {split}: {pieces[0]:,} source and {pieces[1]:,} target pieces")
     _write_record(run_dir, "tokenizer", config)
+    # `datasets`' intermediate files (the loaded, judged and encoded copies: 3-5x the corpus
+    # on disk) are no longer needed once both stages have saved their outputs.
+    shutil.rmtree(run_dir / "cache", ignore_errors=True)
 
 
 def stage_settings(config: Config, stage: str) -> dict[str, Any]:
