@@ -10,7 +10,7 @@ import torch
 
 from traduire import search
 from traduire.model import DecoderCache, Transformer, TransformerShape
-from traduire.search import Hypothesis, beam_search, greedy, length_penalty, sample
+from traduire.search import beam_search, greedy, length_penalty, sample
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIAL = dict(bos=BOS, eos=EOS, pad=PAD)
@@ -326,8 +326,19 @@ def test_top_one_sampling_is_greedy(kwargs: dict) -> None:
         assert s.logprob == pytest.approx(g.logprob, abs=1e-5)
 
 
-def test_hypothesis_probability() -> None:
-    hyp = Hypothesis(tokens=[5], logprob=-1.5, score=-1.0, token_logprobs=[-1.0, -0.5])
-    assert hyp.probability == pytest.approx(math.exp(-1.5))
-    assert length_penalty(1, 0.0) == 1.0
-    assert length_penalty(7, 1.0) == pytest.approx(2.0)
+def test_length_penalty_is_gnmt_and_probability_is_the_product_of_token_probabilities(
+        ) -> None:
+    # Wu et al. (2016), eq. 14: lp(Y) = (5 + |Y|)^alpha / (5 + 1)^alpha.
+    for length in range(1, 12):
+        for alpha in (0.0, 0.6, 1.0, 2.0):
+            assert length_penalty(length, alpha) == pytest.approx(
+                math.pow(5 + length, alpha) / math.pow(6, alpha), rel=1e-12)
+    model = tiny_model(12, 4, peak=1.0)
+    src = random_sources(12, [3, 5], 4)
+    for i, hyps in enumerate(beam_search(model, src, beam=3, nbest=3, lenpen=0.6, **SPECIAL)):
+        row = src[i:i + 1, :int((src[i] != PAD).sum())]
+        for hyp in hyps:
+            per_token = [math.exp(lp) for lp in teacher_forced(model, row, hyp.tokens)]
+            assert hyp.probability == pytest.approx(math.prod(per_token), rel=1e-4)
+            assert hyp.score == pytest.approx(
+                hyp.logprob * 6 ** 0.6 / (6 + len(hyp.tokens)) ** 0.6, rel=1e-5)
