@@ -373,6 +373,105 @@ def test_early_stopping_counts_validations_whose_loss_did_not_improve(workspace,
     assert load_checkpoint(run_dir / "best.pt")["train_state"]["step"] == best_step
 
 
+# --- TensorBoard, torch.compile, fp16 ----------------------------------------------------------
+
+
+def test_tensorboard_event_files_hold_the_logged_metrics(tmp_path, tiny_config_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = load_config(tiny_config_path, ["train.tensorboard=true", "train.max_steps=4",
+                                            "train.log_every=1", "train.valid_every=2"])
+    run(config, tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    records = train_records(tmp_path / "run")
+    for prefix, key in (("train", "loss"), ("train", "lr"), ("valid", "valid_loss"),
+                        ("valid", "valid_ppl")):
+        logged = [(r["step"], r[key]) for r in records if key in r]
+        assert len(logged) == (4 if prefix == "train" else 2)
+        scalars = [(e.step, e.value) for e in events.Scalars(f"{prefix}/{key}")]
+        assert [step for step, _ in scalars] == [step for step, _ in logged]
+        assert [v for _, v in scalars] == pytest.approx([v for _, v in logged], rel=1e-6)
+    assert "train/step" not in events.Tags()["scalars"]
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, tiny_config_path,
+                                                             monkeypatch):
+    import sys
+
+    from traduire.errors import TraduireError
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises
+    config = load_config(tiny_config_path, ["train.tensorboard=true", "train.max_steps=1"])
+    with pytest.raises(TraduireError, match=r"pip install 'traduire\[tensorboard\]'"):
+        run(config, tmp_path / "run")
+
+
+def same_shape_corpus(directory: Path) -> Path:
+    """72 copies of one pair: every batch has the same shape, so a compiled model is compiled
+    once, not once per batch shape."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", 72), ("val", 4)):
+        (directory / f"{prefix}.en").write_text("the big dog runs here\n" * n, encoding="utf-8")
+        (directory / f"{prefix}.fr").write_text("le grand chien court ici\n" * n,
+                                                encoding="utf-8")
+    return directory
+
+
+def test_compiled_model_trains_with_the_losses_of_the_eager_one(tmp_path, monkeypatch):
+    """train.compile: the model goes through torch.compile, and training computes the same
+    losses and weights. Inductor's C++ code generation takes minutes on a small CPU, so the
+    test has dynamo and AOT autograd trace the model (what traduire's code must allow) and
+    runs the traced graphs as they are (the aot_eager backend)."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported on this Python")
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return aot_eager(graph, example_inputs)
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend=counting_backend))
+    data = same_shape_corpus(tmp_path / "data")
+    losses, weights = {}, {}
+    for compiled in (False, True):
+        settings = tiny_settings(data, data={"dedupe": False}, tokenizer={"vocab_size": 20},
+                                 model={"dropout": 0.0},
+                                 train={"max_steps": 3, "log_every": 1, "valid_every": 3,
+                                        "save_every": 3, "compile": compiled})
+        run_dir = tmp_path / f"run-{compiled}"
+        run(load_config(write_config(tmp_path / f"{compiled}.yaml", settings)), run_dir)
+        losses[compiled] = [r["loss"] for r in train_records(run_dir) if "loss" in r]
+        weights[compiled] = final_weights(run_dir, 3)
+        assert bool(graphs) == compiled
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert_same_weights(weights[True], weights[False])
+
+
+def test_fp16_on_cpu_scales_the_loss_and_trains_like_fp32(tmp_path, tiny_config_path):
+    losses, saved = {}, {}
+    for precision in ("fp32", "fp16"):
+        config = load_config(tiny_config_path, [f"train.precision={precision}",
+                                                "train.max_steps=6", "train.log_every=1",
+                                                "model.dropout=0", "train.save_every=6"])
+        run(config, tmp_path / precision)
+        losses[precision] = [r["loss"] for r in train_records(tmp_path / precision)
+                             if "loss" in r]
+        saved[precision] = load_checkpoint(step_checkpoints(tmp_path / precision /
+                                                            "checkpoints")[-1])
+    assert losses["fp16"] == pytest.approx(losses["fp32"], rel=2e-3)
+    assert losses["fp16"][-1] < losses["fp16"][0]
+    # fp16 keeps a loss scale (and resumes with it); fp32 has none.
+    assert saved["fp16"]["scaler"]["scale"] > 1 and saved["fp32"]["scaler"] == {}
+    assert saved["fp16"]["train_state"]["skipped_steps"] == 0
+
+
 def test_average_command_writes_the_mean_of_the_last_checkpoints(tmp_path, tiny_config_path):
     from typer.testing import CliRunner
 
