@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from pathlib import Path
@@ -91,17 +92,29 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+class _Opener:
+    def __reduce__(self):
+        return (io.open, ("/dev/null",))
+
+
 def test_malicious_pickle_is_refused_without_running_code(tmp_path):
     marker = tmp_path / "pwned"
-    # Both the torch zip format and a bare pickle stream.
+    # Both the torch zip format and a bare pickle stream; a global from a module torch blocks
+    # outright (os) and one it merely does not allow (io.open): each named in the error.
     zipped = tmp_path / "zipped.pt"
     torch.save({"format_version": 1, "model": {}, "payload": _Exploit(marker)}, zipped)
     raw = tmp_path / "raw.pt"
     raw.write_bytes(pickle.dumps({"format_version": 1, "model": _Exploit(marker)}, protocol=2))
-    for path in (zipped, raw):
+    opener = tmp_path / "opener.pt"
+    torch.save({"format_version": 1, "model": _Opener()}, opener)
+    system = f"{os.system.__module__}.system"
+    for path, name in ((zipped, system), (raw, system), (opener, "io.open")):
         with pytest.raises(CheckpointError) as info:
             load_checkpoint(path)
-        assert str(path) in str(info.value)
+        assert str(info.value) == (
+            f"{path}: not a readable traduire checkpoint (it holds Python objects ({name}), "
+            "not only tensors and plain data; they were not loaded, since unpickling them "
+            "could run code)")
         assert not marker.exists()
 
 

@@ -142,7 +142,9 @@ def _why_unreadable(path: Path, error: Exception) -> str:
     if not head.startswith((b"PK", b"\x80")):  # neither torch's zip format nor a pickle
         return f"not a torch checkpoint file; it starts with {head!r}"
     if "Weights only load failed" in message:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+        # torch names the global "Unsupported global: GLOBAL x.y" or, for a module it blocks
+        # outright (os, subprocess, ...), "unsupported GLOBAL x.y whose module x is blocked".
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", message)
         if found:
             return (f"it holds Python objects ({found.group(1)}), not only tensors and plain "
                     "data; they were not loaded, since unpickling them could run code")
