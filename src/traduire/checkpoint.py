@@ -155,7 +155,7 @@ def _why_unreadable(path: Path, error: Exception) -> str:
                 + "; it was not unpickled, since that could run code")
     if head.startswith(b"PK"):
         return f"a truncated, damaged or foreign zip archive: {message[:120]}"
-    return message[:200]
+    return f"a truncated or damaged pickle: {message[:120]}"
 
 
 def load_latest(directory: Path, map_location: str | torch.device,
