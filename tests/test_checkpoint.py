@@ -234,6 +234,17 @@ def test_torchs_error_is_put_on_one_line_without_terminal_codes(tmp_path, monkey
     monkeypatch.setattr(torch, "load", fails)
     assert reason(path) == "a truncated or damaged pickle: " + \
         ("first line second line " + "x" * 300)[:120]
+    zipped = tmp_path / "odd.zip.pt"
+    zipped.write_bytes(b"PK\x03\x04")
+    assert reason(zipped) == "a truncated, damaged or foreign zip archive: " + \
+        ("first line second line " + "x" * 300)[:120]
+
+    def refuses(*args, **kwargs):
+        raise pickle.UnpicklingError("Weights only load failed. Something new.")
+
+    monkeypatch.setattr(torch, "load", refuses)
+    assert reason(path) == ("not a pickle that is safe to load; it was not unpickled, since "
+                            "that could run code")
 
 
 def test_load_checkpoint_refuses_directories_and_states_without_weights(tmp_path):
@@ -273,18 +284,18 @@ def test_rank_seeds_differ_by_rank_and_step_and_are_reproducible():
     assert rank_seed(1, 3) == rank_seed(1, 3, 0) == seeds[(1, 3, 0)]
 
 
-def training_objects(seed: int):
+def training_objects(seed: int, scale: float = 65536.0):
     torch.manual_seed(seed)
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    return model, optimizer, torch.amp.GradScaler("cpu", enabled=False)
+    return model, optimizer, torch.amp.GradScaler("cpu", init_scale=scale)
 
 
 def test_a_training_checkpoint_restores_model_optimizer_state_and_random_stream(tmp_path):
     config = load_config(None, ["data.dir=x", "train.seed=9"])
-    model, optimizer, scaler = training_objects(0)
+    model, optimizer, scaler = training_objects(0, scale=1024.0)
     state = TrainState(step=12, epoch=2, batch_in_epoch=3, best_valid_loss=1.5)
     torch.manual_seed(77)
     other_rank = rng_state(torch.device("cpu"))
@@ -301,15 +312,27 @@ def test_a_training_checkpoint_restores_model_optimizer_state_and_random_stream(
                                 world_size=2, device=torch.device("cpu"))
     assert restored == state
     assert torch.equal(torch.rand(3), expected_draw)  # the saved random stream goes on
+    assert fresh_scaler.get_scale() == 1024.0  # fp16's loss scale goes on too
     for a, b in zip(fresh.parameters(), model.parameters()):
         assert torch.equal(a, b)
     assert fresh_optimizer.state_dict()["state"][0]["step"] == 1
+    # Rank 1 of the same world size continues its own stream.
+    restore_training(loaded, fresh, fresh_optimizer, fresh_scaler, config, rank=1,
+                     world_size=2, device=torch.device("cpu"))
+    rank_one_draw = torch.rand(3)
+    torch.manual_seed(77)  # the state rank 1 saved
+    assert torch.equal(rank_one_draw, torch.rand(3))
+    # A checkpoint of one process, from before random states were kept per rank.
+    single = {**loaded, "rng": loaded["rng"][0], "world_size": 1}
+    restore_training(single, fresh, fresh_optimizer, fresh_scaler, config, 0, 1,
+                     torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected_draw)
     # At another world size, ranks other than 0 get a stream of their own.
     restore_training(loaded, fresh, fresh_optimizer, fresh_scaler, config, rank=1,
                      world_size=3, device=torch.device("cpu"))
     assert torch.initial_seed() == rank_seed(9, 1, 12)
     # A checkpoint of another model shape is refused.
-    with pytest.raises(CheckpointError, match="model settings differ"):
+    with pytest.raises(CheckpointError, match="^checkpoint model settings differ from the config$"):
         restore_training(loaded, fresh, fresh_optimizer, fresh_scaler,
                          load_config(None, ["data.dir=x", "model.layers=2"]), 0, 1,
                          torch.device("cpu"))
@@ -325,12 +348,16 @@ def test_load_latest_falls_back_past_damaged_checkpoints(tmp_path):
     for step in (4, 6):
         (tmp_path / f"step_{step:08d}.pt").write_bytes(b"damaged")
     assert load_latest(tmp_path, "cpu", warnings.append)["train_state"]["step"] == 2
+    assert load_latest(tmp_path, "meta", warnings.append)["model"]["w"].is_meta
+    warnings = warnings[:2]
     assert [w.split(":")[0] for w in warnings] == [str(tmp_path / f"step_{s:08d}.pt")
                                                    for s in (6, 4)]
     assert all(w.endswith("; falling back to an earlier checkpoint") for w in warnings)
     (tmp_path / "step_00000002.pt").write_bytes(b"")
-    with pytest.raises(CheckpointError, match=f"none of the 3 checkpoints in {tmp_path}"):
+    with pytest.raises(CheckpointError) as info:
         load_latest(tmp_path, "cpu", warnings.append)
+    assert str(info.value) == (f"none of the 3 checkpoints in {tmp_path} can be read; move them "
+                               "aside to start again, or train with --overwrite")
 
 
 def test_remove_leftovers_removes_only_the_temporaries_of_killed_saves(tmp_path):
@@ -386,3 +413,9 @@ def test_average_last_writes_the_mean_of_the_newest_periodic_checkpoints(tmp_pat
     torch.testing.assert_close(averaged["model"]["b"], (sample_state(2)["model"]["b"]
                                                         + sample_state(3)["model"]["b"]) / 2)
     assert len(average_last(checkpoints, 10, tmp_path / "all.pt")) == 3
+    assert [p.name for p in average_last(checkpoints, 1, tmp_path / "one.pt")] == \
+        ["step_00000003.pt"]
+    # The average is written in this version's format, whatever the checkpoints' was.
+    torch.save({**sample_state(4), "format_version": 0}, checkpoints / "step_00000004.pt")
+    average_last(checkpoints, 1, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")["format_version"] == FORMAT_VERSION
