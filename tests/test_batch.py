@@ -4,6 +4,7 @@ output limits and the stream of training steps."""
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 
 import datasets
@@ -361,8 +362,28 @@ def test_prefetcher_ends_with_its_iterator_and_stays_depth_steps_ahead():
 
 
 def test_prefetcher_with_a_slow_consumer_loses_nothing():
-    out = []
-    for item in Prefetcher(iter(range(30)), depth=1):
-        out.append(item)
-        time.sleep(0.005)
+    """The producer waits for room however long the consumer takes (here, once, longer than
+    the producer's own polling interval)."""
+    out: list[int] = []
+
+    def consume():
+        for item in Prefetcher(iter(range(30)), depth=1):
+            out.append(item)
+            time.sleep(0.3 if item == 3 else 0.005)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(timeout=30)
     assert out == list(range(30))
+
+
+def test_a_filler_pass_holds_one_sentence_even_when_the_global_batch_has_more():
+    ds = datasets.Dataset.from_dict({"src_ids": [[5, 6]] * 6, "tgt_ids": [[7, 8]] * 6,
+                                     "src_len": [2] * 6, "tgt_len": [2] * 6})
+    # Three sentences of 3 tokens (EOS included) per global batch, cut into 2 x 2 slices:
+    # one slice stays empty.
+    step = next(training_steps(EncodedCorpus(ds), 9, 0, 0, 0, 1, 2, 2, pad=0, bos=2, eos=3))
+    assert len(step.src_lengths) == 3
+    (real, one), (filler, zero) = step.parts
+    assert (one, zero) == (1.0, 0.0)
+    assert real.src.shape[0] == 1 and filler.src.shape[0] == 1
