@@ -247,6 +247,20 @@ def test_torchs_error_is_put_on_one_line_without_terminal_codes(tmp_path, monkey
                             "that could run code")
 
 
+def test_a_file_that_cannot_be_read_is_not_called_empty(tmp_path, monkeypatch):
+    from traduire import checkpoint
+
+    path = tmp_path / "locked.pt"
+    save_checkpoint(path, sample_state())
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(torch, "load", denied)  # what a file without read permission gives
+    monkeypatch.setattr(checkpoint, "open", denied, raising=False)
+    assert reason(path) == "Permission denied"
+
+
 def test_load_checkpoint_refuses_directories_and_states_without_weights(tmp_path):
     with pytest.raises(CheckpointError, match="is a directory, not a checkpoint file"):
         load_checkpoint(tmp_path)

@@ -135,8 +135,8 @@ def _why_unreadable(path: Path, error: Exception) -> str:
     try:
         with open(path, "rb") as f:
             head = f.read(4)
-    except OSError:
-        head = b""
+    except OSError as e:  # unreadable (permissions, a failing disk): the system's words
+        return e.strerror or message[:200]
     if not head:
         return "the file is empty"
     if not head.startswith((b"PK", b"\x80")):  # neither torch's zip format nor a pickle
