@@ -252,8 +252,10 @@ def test_length_limit_forces_eos() -> None:
 
 def test_nbest_larger_than_beam_is_rejected() -> None:
     model = tiny_model(8, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^need 1 <= nbest <= beam, got nbest=3, beam=2$"):
         beam_search(model, random_sources(8, [2], 0), beam=2, nbest=3, **SPECIAL)
+    with pytest.raises(ValueError, match="got nbest=0, beam=2"):
+        beam_search(model, random_sources(8, [2], 0), beam=2, nbest=0, **SPECIAL)
 
 
 def test_one_token_per_step_and_the_batch_shrinks() -> None:
