@@ -286,7 +286,8 @@ POSITIVE = ["tokenizer.vocab_size", "model.layers", "model.encoder_layers",
             "train.max_bad_steps", "data.max_words", "data.max_ratio"]
 NON_NEGATIVE = ["train.max_steps", "train.max_epochs", "train.warmup_steps", "train.clip_norm",
                 "train.threads", "train.decay_steps", "train.min_lr", "train.patience",
-                "train.average_last", "data.max_valid"]
+                "train.average_last", "data.max_valid", "data.workers",
+                "tokenizer.input_sentence_size"]
 PROBABILITIES = ["model.dropout", "model.attention_dropout", "model.activation_dropout",
                  "train.label_smoothing"]
 FLOATS = {"train.lr", "data.max_ratio", "train.clip_norm", "train.min_lr", *PROBABILITIES}
