@@ -143,3 +143,32 @@ def inspect_run(tmp_path_factory) -> Path:
     run(config_from_dict(settings), root / "run")
     torch.set_num_threads(before)
     return root / "run"
+
+
+def toy_sentences() -> list[str]:
+    """60 sentences of the toy language, then 60 word salads of its words."""
+    rng = random.Random(5)
+    words = [*LEXICON]
+    return ([make_pair(rng)[0] for _ in range(60)]
+            + [" ".join(rng.choice(words) for _ in range(rng.randint(1, 7))) for _ in range(60)])
+
+
+@pytest.fixture(scope="session")
+def learned_run(tmp_path_factory) -> Path:
+    """A run that learns the toy corpus (120 steps, word-level pieces, no dropout), with
+    checkpoints at step 60, where it still often prefers an empty translation, and 120, where
+    beam search and greedy search part ways on some sentences. Tests must not change it."""
+    from traduire.config import config_from_dict
+    from traduire.pipeline import run
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("learned")
+    settings = tiny_settings(write_corpus(root / "data"), tokenizer={"vocab_size": 64},
+                             model={"dropout": 0.0},
+                             train={"max_steps": 120, "save_every": 60, "valid_every": 120,
+                                    "log_every": 120, "lr": 0.01, "warmup_steps": 5,
+                                    "schedule": "linear", "decay_steps": 1000})
+    run(config_from_dict(settings), root / "run")
+    torch.set_num_threads(before)
+    return root / "run"

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from traduire.analysis import (
-    LOW_ATTENTION_THRESHOLD,
     confidence,
     find_word,
     group_pieces,
@@ -176,28 +175,74 @@ def test_score_pairs_figures_agree(translator):
 # --- confidence --------------------------------------------------------------------------------
 
 
-def test_confidence_definitions(translator):
+@torch.no_grad()
+def coverage_by_word(model, tok, src_ids: list[int], output: list[int]) -> list[float]:
+    """The cross-attention each source word received from `output` (and its EOS), summed over
+    the output steps and averaged over layers and heads: one sentence alone, one full forward
+    pass, words read off the pieces' "▁" marks."""
+    attention = Attention([], [], [])
+    model(torch.tensor([src_ids + [tok.eos_id]]), torch.tensor([[tok.bos_id] + output]),
+          attention=attention)
+    per_piece = torch.stack(attention.decoder_cross)[:, 0].sum(2).mean((0, 1)).tolist()
+    words: list[float] = []
+    for i, piece_id in enumerate(src_ids):
+        if not words or tok.src.id_to_piece(piece_id).startswith("▁"):
+            words.append(0.0)
+        words[-1] += per_piece[i]
+    return words
+
+
+def test_confidence_counts_the_words_whose_coverage_is_below_the_threshold(translator):
     src_ids, _ = translator.encode(SENTENCES)
     best = [h[0] for h in translator.translate_ids(src_ids, DecodeOptions(beam=2))]
     model, tok = translator.model, translator.tokenizer
-    result = confidence(model, tok, src_ids, best)
-    for conf, hyp in zip(result, best):
+    coverages = [coverage_by_word(model, tok, ids, h.tokens) for ids, h in zip(src_ids, best)]
+    assert [len(c) for c in coverages] == [len(s.split()) for s in SENTENCES]
+    # Thresholds between neighbouring coverages (of any sentence): each one splits the words
+    # of each sentence into those below it and those above, with no word near the line.
+    values = sorted(c for sentence in coverages for c in sentence)
+    thresholds = [(a + b) / 2 for a, b in zip(values, values[1:]) if b - a > 1e-3]
+    assert len(thresholds) >= 8
+    for threshold in [values[0] / 2, *thresholds, values[-1] + 1]:
+        result = confidence(model, tok, src_ids, best, threshold)
+        expected = [sum(c < threshold for c in words) / len(words) for words in coverages]
+        assert [r["low_attention_share"] for r in result] == pytest.approx(expected, abs=1e-6)
+    # Without a threshold, the documented 0.1.
+    expected = [sum(c < 0.1 for c in words) / len(words) for words in coverages]
+    assert [r["low_attention_share"] for r in confidence(model, tok, src_ids, best)] == \
+        pytest.approx(expected, abs=1e-6)
+    for conf, hyp in zip(confidence(model, tok, src_ids, best), best):
         assert conf["mean_logprob"] == pytest.approx(
             sum(hyp.token_logprobs) / (len(hyp.tokens) + 1), abs=1e-5)
-        assert 0.0 <= conf["low_attention_share"] <= 1.0
-    # Coverage is >= 0, so a zero threshold flags nothing; a huge one flags every word.
-    assert all(c["low_attention_share"] == 0 for c in confidence(model, tok, src_ids, best, 0.0))
-    assert all(c["low_attention_share"] == 1 for c in confidence(model, tok, src_ids, best, 1e9))
-    assert LOW_ATTENTION_THRESHOLD == 0.1
 
 
 def test_jsonl_has_confidence_and_flag_below_lists_lines(translator, tmp_path, capsys):
-    (tmp_path / "in.en").write_text("the dog runs\n\na cat sleeps\n", encoding="utf-8")
+    lines = ["the dog runs", "", "a big red bird sings today", "a cat sleeps"]
+    (tmp_path / "in.en").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    stats = translate_file(translator, str(tmp_path / "in.en"), out, DecodeOptions(beam=2),
-                           format="jsonl", progress=False, flag_below=0.0)
+    translate_file(translator, str(tmp_path / "in.en"), out, DecodeOptions(beam=2),
+                   format="jsonl", progress=False)
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert set(records[0]["confidence"]) == {"mean_logprob", "low_attention_share"}
     assert "confidence" not in records[1]  # an empty line is not translated
-    assert stats["flagged"] == [1, 3]  # every log-probability is below 0
-    assert "2 lines with mean token log-probability below 0.0: 1 3" in capsys.readouterr().err
+    confidences = {number: r["confidence"]["mean_logprob"]
+                   for number, r in enumerate(records, 1) if "confidence" in r}
+    assert len(set(confidences.values())) == 3
+    # A threshold between the least and the second least confident line flags the first only;
+    # one between the second and the third flags both; a line exactly at the threshold is not
+    # below it.
+    ranked = sorted(confidences, key=confidences.get)
+    low, middle = confidences[ranked[0]], confidences[ranked[1]]
+    high = confidences[ranked[2]]
+    for threshold, expected in (((low + middle) / 2, [ranked[0]]),
+                                ((middle + high) / 2, sorted(ranked[:2])),
+                                (middle, [ranked[0]])):
+        capsys.readouterr()
+        stats = translate_file(translator, str(tmp_path / "in.en"), tmp_path / "out.txt",
+                               DecodeOptions(beam=2), progress=False, flag_below=threshold)
+        assert stats["flagged"] == expected
+        assert (f"{len(expected)} lines with mean token log-probability below {threshold}: "
+                f"{' '.join(map(str, expected))}") in capsys.readouterr().err
+    # The flag does not change the translations.
+    assert (tmp_path / "out.txt").read_text(encoding="utf-8").splitlines() == \
+        [r.get("translation", "") for r in records]

@@ -4,6 +4,8 @@ output limits and the stream of training steps."""
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 
 import datasets
 import numpy as np
@@ -250,3 +252,138 @@ def test_prefetcher_passes_errors_on_and_stops_its_thread():
     assert next(iter(endless)) == 0
     endless.close()
     assert not endless._thread.is_alive()
+
+
+# --- what the stream and the batches promise, case by case --------------------------------------
+
+
+def test_batch_to_moves_every_tensor_and_keeps_the_counts():
+    batch = collate([[5, 6], [7]], [[8], [9, 10]], pad=0, bos=2, eos=3)
+    moved = batch.to(torch.device("meta"))
+    assert [t.device.type for t in (moved.src, moved.tgt_in, moved.tgt_out)] == ["meta"] * 3
+    assert [t.shape for t in (moved.src, moved.tgt_in, moved.tgt_out)] == \
+        [t.shape for t in (batch.src, batch.tgt_in, batch.tgt_out)]
+    assert (moved.num_tgt_tokens, moved.num_src_tokens) == (5, 5)
+
+
+def test_encoded_corpus_source_side_boundary_texts_and_decoder_input():
+    ds = datasets.Dataset.from_dict({
+        "src_ids": [[5, 6, 7], [5, 6, 7, 8]], "tgt_ids": [[9], [9]], "src_len": [3, 4],
+        "tgt_len": [1, 1], "src": ["a b c", "a b c d"], "tgt": ["x", "y"]})
+    corpus = EncodedCorpus(ds, max_len=4)  # 3 ids + EOS fit, 4 + EOS do not
+    assert corpus.usable.tolist() == [0]
+    assert corpus.texts(np.array([1, 0]), "tgt") == ["y", "x"]
+    assert corpus.texts(np.array([1]), "src") == ["a b c d"]
+    batch = corpus.batch(np.array([0, 1]), pad=0, bos=2, eos=3)
+    assert batch.tgt_in.tolist() == [[2, 9], [2, 9]]
+
+
+@pytest.mark.parametrize("budget", [1, 3, 10, 64])
+def test_token_batches_pack_runs_of_the_shortest_sentences(budget):
+    """Sentences of one token (EOS alone counts one) and two: the packing must not stop early
+    where a batch could hold more than budget // 2 of them."""
+    sizes = np.array([1] * 40 + [2] * 40)
+    batches = token_batches(sizes, sizes, np.arange(80), budget, 0, 0)
+    starts = packed_one_by_one(sizes, budget) + [80]
+    expected = [(end - start, int(sizes[start:end].max()))
+                for start, end in zip(starts, starts[1:])]
+    assert sorted((len(b), int(sizes[b].max())) for b in batches) == sorted(expected)
+
+
+def batched_one_by_one(lengths: list[int], batch_tokens: int, batch_size: int) -> list[list[int]]:
+    """sentence_batches' rule as a plain loop: shortest first, a batch takes the next sentence
+    while (longest + EOS) x count stays within batch_tokens and count within batch_size."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
+        candidate = batches[-1] + [i] if batches else [i]
+        fits = max(lengths[j] + 1 for j in candidate) * len(candidate) <= batch_tokens
+        if batches and fits and (not batch_size or len(candidate) <= batch_size):
+            batches[-1] = candidate
+        else:
+            batches.append([i])
+    return batches
+
+
+@pytest.mark.parametrize(("batch_tokens", "batch_size"), [(1, 0), (12, 0), (12, 2), (40, 0),
+                                                          (40, 3), (1000, 0), (1000, 7)])
+def test_sentence_batches_follow_the_rule_exactly(batch_tokens, batch_size):
+    rng = np.random.default_rng(batch_tokens + batch_size)
+    lengths = rng.integers(0, 12, 50).tolist()
+    assert list(sentence_batches(lengths, batch_tokens, batch_size)) == \
+        batched_one_by_one(lengths, batch_tokens, batch_size)
+    if batch_size == 0:  # without a size limit, only the token budget cuts
+        assert list(sentence_batches(lengths, batch_tokens)) == \
+            batched_one_by_one(lengths, batch_tokens, 0)
+    assert list(sentence_batches([3, 3], 8)) == [[0, 1]]  # 4 x 2 = 8: exactly at the budget
+
+
+def test_a_slice_left_empty_is_a_zero_weight_pass_over_one_sentence():
+    corpus = toy_corpus(n=5)
+    # A budget so small that every global batch is one sentence: with two ranks and two
+    # passes each, three of the four slices are empty.
+    steps = [list(itertools.islice(training_steps(corpus, 1, 3, 0, 0, rank, 2, 2, pad=0, bos=2,
+                                                  eos=3), 5)) for rank in (0, 1)]
+    for first, second in zip(*steps):
+        (real, one), (filler, zero) = first.parts
+        assert (one, zero) == (1.0, 0.0)
+        assert [w for _, w in second.parts] == [0.0, 0.0]
+        for batch in (filler, *(b for b, _ in second.parts)):
+            assert batch.src.tolist() == real.src.tolist()  # the batch's first sentence
+        assert real.tgt_in[0, 0] == 2 and 3 in real.tgt_out[0].tolist()
+        index = first.src_lengths  # the global batch's lengths, the same on every rank
+        assert np.array_equal(second.src_lengths, index)
+        assert len(first.tgt_lengths) == 1 and first.tgt_lengths[0] == real.num_tgt_tokens
+
+
+def test_prefetcher_ends_with_its_iterator_and_stays_depth_steps_ahead():
+    assert list(Prefetcher(iter(range(7)))) == list(range(7))
+    pulled = []
+
+    def source():
+        for i in range(100):
+            pulled.append(i)
+            yield i
+
+    for depth in (1, 2):
+        pulled.clear()
+        ahead = Prefetcher(source(), depth=depth)
+        items = iter(ahead)
+        assert next(items) == 0
+        deadline = time.monotonic() + 10
+        while len(pulled) < depth + 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        # The one consumed, `depth` waiting in the queue, one more waiting to get in.
+        assert len(pulled) == depth + 2
+        ahead.close()
+        assert not ahead._thread.is_alive()
+    assert Prefetcher(iter(()), depth=2)._queue.maxsize == 2
+    assert Prefetcher(iter(()))._queue.maxsize == 2  # two steps ahead unless told otherwise
+
+
+def test_prefetcher_with_a_slow_consumer_loses_nothing():
+    """The producer waits for room however long the consumer takes (here, once, longer than
+    the producer's own polling interval)."""
+    out: list[int] = []
+
+    def consume():
+        for item in Prefetcher(iter(range(30)), depth=1):
+            out.append(item)
+            time.sleep(0.3 if item == 3 else 0.005)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(timeout=30)
+    assert out == list(range(30))
+
+
+def test_a_filler_pass_holds_one_sentence_even_when_the_global_batch_has_more():
+    ds = datasets.Dataset.from_dict({"src_ids": [[5, 6]] * 6, "tgt_ids": [[7, 8]] * 6,
+                                     "src_len": [2] * 6, "tgt_len": [2] * 6})
+    # Three sentences of 3 tokens (EOS included) per global batch, cut into 2 x 2 slices:
+    # one slice stays empty.
+    step = next(training_steps(EncodedCorpus(ds), 9, 0, 0, 0, 1, 2, 2, pad=0, bos=2, eos=3))
+    assert len(step.src_lengths) == 3
+    (real, one), (filler, zero) = step.parts
+    assert (one, zero) == (1.0, 0.0)
+    assert real.src.shape[0] == 1 and filler.src.shape[0] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from pathlib import Path
@@ -12,12 +13,22 @@ import torch
 from traduire import files
 from traduire.checkpoint import (
     FORMAT_VERSION,
+    TrainState,
     average_checkpoints,
+    average_last,
     load_checkpoint,
+    load_latest,
     prune_checkpoints,
+    rank_seed,
+    remove_leftovers,
+    restore_training,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
     step_checkpoints,
+    training_checkpoint,
 )
+from traduire.config import load_config
 from traduire.errors import CheckpointError
 
 
@@ -91,17 +102,29 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+class _Opener:
+    def __reduce__(self):
+        return (io.open, ("/dev/null",))
+
+
 def test_malicious_pickle_is_refused_without_running_code(tmp_path):
     marker = tmp_path / "pwned"
-    # Both the torch zip format and a bare pickle stream.
+    # Both the torch zip format and a bare pickle stream; a global from a module torch blocks
+    # outright (os) and one it merely does not allow (io.open): each named in the error.
     zipped = tmp_path / "zipped.pt"
     torch.save({"format_version": 1, "model": {}, "payload": _Exploit(marker)}, zipped)
     raw = tmp_path / "raw.pt"
     raw.write_bytes(pickle.dumps({"format_version": 1, "model": _Exploit(marker)}, protocol=2))
-    for path in (zipped, raw):
+    opener = tmp_path / "opener.pt"
+    torch.save({"format_version": 1, "model": _Opener()}, opener)
+    system = f"{os.system.__module__}.system"
+    for path, name in ((zipped, system), (raw, system), (opener, "io.open")):
         with pytest.raises(CheckpointError) as info:
             load_checkpoint(path)
-        assert str(path) in str(info.value)
+        assert str(info.value) == (
+            f"{path}: not a readable traduire checkpoint (it holds Python objects ({name}), "
+            "not only tensors and plain data; they were not loaded, since unpickling them "
+            "could run code)")
         assert not marker.exists()
 
 
@@ -162,3 +185,251 @@ def test_average_refuses_different_parameters_and_empty_list(tmp_path):
         average_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"])
     with pytest.raises(CheckpointError):
         average_checkpoints([])
+
+
+# --- what an unreadable checkpoint is reported as ----------------------------------------------
+
+
+def reason(path: Path) -> str:
+    """The part of load_checkpoint's error in parentheses: why the file cannot be used."""
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    prefix = f"{path}: not a readable traduire checkpoint ("
+    assert message.startswith(prefix) and message.endswith(")"), message
+    assert "\n" not in message and "\x1b" not in message
+    return message[len(prefix):-1]
+
+
+def test_each_kind_of_unreadable_file_has_its_own_reason(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert reason(tmp_path / "empty.pt") == "the file is empty"
+    (tmp_path / "notes.pt").write_bytes(b"just some notes")
+    assert reason(tmp_path / "notes.pt") == \
+        "not a torch checkpoint file; it starts with b'just'"
+    save_checkpoint(tmp_path / "cut.pt", sample_state())
+    data = (tmp_path / "cut.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    cut = reason(tmp_path / "cut.pt")
+    assert cut.startswith("a truncated, damaged or foreign zip archive: ")
+    assert "central directory" in cut  # torch's own words follow
+    # A pickle stream (torch's format before its zip one) cut short.
+    (tmp_path / "stream.pt").write_bytes(pickle.dumps({"model": [1, 2, 3]}, protocol=2)[:-6])
+    assert reason(tmp_path / "stream.pt").startswith("a truncated or damaged pickle: ")
+    # A pickle using what the weights-only unpickler does not read (protocol 4 opcodes).
+    (tmp_path / "protocol4.pt").write_bytes(pickle.dumps({"model": {1, 2}}, protocol=4))
+    with pytest.warns(UserWarning, match="protocol 4"):
+        assert reason(tmp_path / "protocol4.pt") == (
+            "not a pickle that is safe to load (Unsupported operand 149); it was not "
+            "unpickled, since that could run code")
+
+
+def test_torchs_error_is_put_on_one_line_without_terminal_codes(tmp_path, monkeypatch):
+    path = tmp_path / "odd.pt"
+    path.write_bytes(b"\x80\x02}q\x00.")
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("first line\n\n\x1b[1msecond\x1b[0m   line " + "x" * 300)
+
+    monkeypatch.setattr(torch, "load", fails)
+    assert reason(path) == "a truncated or damaged pickle: " + \
+        ("first line second line " + "x" * 300)[:120]
+    zipped = tmp_path / "odd.zip.pt"
+    zipped.write_bytes(b"PK\x03\x04")
+    assert reason(zipped) == "a truncated, damaged or foreign zip archive: " + \
+        ("first line second line " + "x" * 300)[:120]
+
+    def refuses(*args, **kwargs):
+        raise pickle.UnpicklingError("Weights only load failed. Something new.")
+
+    monkeypatch.setattr(torch, "load", refuses)
+    assert reason(path) == ("not a pickle that is safe to load; it was not unpickled, since "
+                            "that could run code")
+
+
+def test_a_file_that_cannot_be_read_is_not_called_empty(tmp_path, monkeypatch):
+    from traduire import checkpoint
+
+    path = tmp_path / "locked.pt"
+    save_checkpoint(path, sample_state())
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(torch, "load", denied)  # what a file without read permission gives
+    monkeypatch.setattr(checkpoint, "open", denied, raising=False)
+    assert reason(path) == "Permission denied"
+
+
+def test_load_checkpoint_refuses_directories_and_states_without_weights(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory, not a checkpoint file"):
+        load_checkpoint(tmp_path)
+    for name, state in (("list.pt", [1, 2]), ("no-version.pt", {"model": {}}),
+                        ("no-model.pt", {"format_version": 1})):
+        torch.save(state, tmp_path / name)
+        with pytest.raises(CheckpointError, match=f"{name}: not a traduire checkpoint"):
+            load_checkpoint(tmp_path / name)
+
+
+def test_load_checkpoint_maps_tensors_where_asked(tmp_path):
+    save_checkpoint(tmp_path / "a.pt", sample_state())
+    assert load_checkpoint(tmp_path / "a.pt")["model"]["w"].device.type == "cpu"
+    assert load_checkpoint(tmp_path / "a.pt", map_location="meta")["model"]["w"].is_meta
+
+
+# --- training state: random states, resuming, falling back ---------------------------------------
+
+
+def test_rng_state_round_trip_continues_the_same_random_stream():
+    torch.manual_seed(5)
+    state = rng_state(torch.device("cpu"))
+    assert set(state) == {"torch"}  # no GPU generator on a CPU run
+    first = torch.rand(5)
+    torch.manual_seed(6)
+    set_rng_state({**state, "cuda": torch.zeros(3)}, torch.device("cpu"))  # cuda: ignored
+    assert torch.equal(torch.rand(5), first)
+
+
+def test_rank_seeds_differ_by_rank_and_step_and_are_reproducible():
+    seeds = {(seed, rank, step): rank_seed(seed, rank, step)
+             for seed in (1, 2) for rank in range(4) for step in (0, 10)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(isinstance(v, int) and 0 <= v < 2**32 for v in seeds.values())
+    assert rank_seed(1, 3) == rank_seed(1, 3, 0) == seeds[(1, 3, 0)]
+
+
+def training_objects(seed: int, scale: float = 65536.0):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    return model, optimizer, torch.amp.GradScaler("cpu", init_scale=scale)
+
+
+def test_a_training_checkpoint_restores_model_optimizer_state_and_random_stream(tmp_path):
+    config = load_config(None, ["data.dir=x", "train.seed=9"])
+    model, optimizer, scaler = training_objects(0, scale=1024.0)
+    state = TrainState(step=12, epoch=2, batch_in_epoch=3, best_valid_loss=1.5)
+    torch.manual_seed(77)
+    other_rank = rng_state(torch.device("cpu"))
+    torch.manual_seed(123)
+    saved = training_checkpoint(model, optimizer, scaler, state,
+                                [rng_state(torch.device("cpu")), other_rank], config)
+    assert saved["world_size"] == 2 and saved["config"] == config.to_dict()
+    save_checkpoint(tmp_path / "step_12.pt", saved)
+    expected_draw = torch.rand(3)
+
+    loaded = load_checkpoint(tmp_path / "step_12.pt")
+    fresh, fresh_optimizer, fresh_scaler = training_objects(1)
+    restored = restore_training(loaded, fresh, fresh_optimizer, fresh_scaler, config, rank=0,
+                                world_size=2, device=torch.device("cpu"))
+    assert restored == state
+    assert torch.equal(torch.rand(3), expected_draw)  # the saved random stream goes on
+    assert fresh_scaler.get_scale() == 1024.0  # fp16's loss scale goes on too
+    for a, b in zip(fresh.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == 1
+    # Rank 1 of the same world size continues its own stream.
+    restore_training(loaded, fresh, fresh_optimizer, fresh_scaler, config, rank=1,
+                     world_size=2, device=torch.device("cpu"))
+    rank_one_draw = torch.rand(3)
+    torch.manual_seed(77)  # the state rank 1 saved
+    assert torch.equal(rank_one_draw, torch.rand(3))
+    # A checkpoint of one process, from before random states were kept per rank.
+    single = {**loaded, "rng": loaded["rng"][0], "world_size": 1}
+    restore_training(single, fresh, fresh_optimizer, fresh_scaler, config, 0, 1,
+                     torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected_draw)
+    # At another world size, ranks other than 0 get a stream of their own.
+    restore_training(loaded, fresh, fresh_optimizer, fresh_scaler, config, rank=1,
+                     world_size=3, device=torch.device("cpu"))
+    assert torch.initial_seed() == rank_seed(9, 1, 12)
+    # A checkpoint of another model shape is refused.
+    with pytest.raises(CheckpointError, match="^checkpoint model settings differ from the config$"):
+        restore_training(loaded, fresh, fresh_optimizer, fresh_scaler,
+                         load_config(None, ["data.dir=x", "model.layers=2"]), 0, 1,
+                         torch.device("cpu"))
+
+
+def test_load_latest_falls_back_past_damaged_checkpoints(tmp_path):
+    warnings: list[str] = []
+    assert load_latest(tmp_path, "cpu", warnings.append) is None
+    for step in (2, 4, 6):
+        state = sample_state(step)
+        state["train_state"] = {"step": step}
+        save_checkpoint(tmp_path / f"step_{step:08d}.pt", state)
+    for step in (4, 6):
+        (tmp_path / f"step_{step:08d}.pt").write_bytes(b"damaged")
+    assert load_latest(tmp_path, "cpu", warnings.append)["train_state"]["step"] == 2
+    assert load_latest(tmp_path, "meta", warnings.append)["model"]["w"].is_meta
+    warnings = warnings[:2]
+    assert [w.split(":")[0] for w in warnings] == [str(tmp_path / f"step_{s:08d}.pt")
+                                                   for s in (6, 4)]
+    assert all(w.endswith("; falling back to an earlier checkpoint") for w in warnings)
+    (tmp_path / "step_00000002.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError) as info:
+        load_latest(tmp_path, "cpu", warnings.append)
+    assert str(info.value) == (f"none of the 3 checkpoints in {tmp_path} can be read; move them "
+                               "aside to start again, or train with --overwrite")
+
+
+def test_remove_leftovers_removes_only_the_temporaries_of_killed_saves(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    leftovers = [checkpoints / ".step_00000004.pt.x1y2.tmp", tmp_path / ".best.pt.a7.tmp"]
+    kept = [checkpoints / "step_00000004.pt", tmp_path / "best.pt", tmp_path / "notes.tmp",
+            checkpoints / ".notes.tmp"]
+    for path in leftovers + kept:
+        path.write_bytes(b"x")
+    remove_leftovers(tmp_path)
+    assert not any(p.exists() for p in leftovers)
+    assert all(p.exists() for p in kept)
+
+
+# --- averaging -----------------------------------------------------------------------------------
+
+
+def test_average_names_the_first_checkpoint_and_averages_averages(tmp_path):
+    paths = []
+    for seed in (1, 2, 3):
+        paths.append(tmp_path / f"{seed}.pt")
+        save_checkpoint(paths[-1], sample_state(seed))
+    different = sample_state(4)
+    different["model"]["extra"] = torch.zeros(1)
+    save_checkpoint(tmp_path / "4.pt", different)
+    with pytest.raises(CheckpointError) as info:
+        average_checkpoints(paths + [tmp_path / "4.pt"])
+    assert str(info.value) == f"{tmp_path / '4.pt'}: different model parameters than {paths[0]}"
+    with pytest.raises(CheckpointError, match="^no checkpoints to average$"):
+        average_checkpoints([])
+    # An average (no optimizer or random state left) can itself be averaged.
+    save_checkpoint(tmp_path / "avg.pt", average_checkpoints(paths[:2]))
+    again = average_checkpoints([tmp_path / "avg.pt", paths[2]])
+    expected = ((sample_state(1)["model"]["w"] + sample_state(2)["model"]["w"]) / 2
+                + sample_state(3)["model"]["w"]) / 2
+    torch.testing.assert_close(again["model"]["w"], expected)
+
+
+def test_average_last_writes_the_mean_of_the_newest_periodic_checkpoints(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(CheckpointError, match=f"{checkpoints}: no checkpoints to average"):
+        average_last(checkpoints, 2, tmp_path / "avg.pt")
+    for step in (1, 2, 3):
+        save_checkpoint(checkpoints / f"step_{step:08d}.pt", sample_state(step))
+    with pytest.raises(CheckpointError, match="no checkpoints to average"):
+        average_last(checkpoints, 0, tmp_path / "avg.pt")
+    used = average_last(checkpoints, 2, tmp_path / "avg.pt")
+    assert [p.name for p in used] == ["step_00000002.pt", "step_00000003.pt"]
+    averaged = load_checkpoint(tmp_path / "avg.pt")
+    assert averaged["format_version"] == FORMAT_VERSION
+    assert averaged["averaged_from"] == [str(p) for p in used]
+    torch.testing.assert_close(averaged["model"]["b"], (sample_state(2)["model"]["b"]
+                                                        + sample_state(3)["model"]["b"]) / 2)
+    assert len(average_last(checkpoints, 10, tmp_path / "all.pt")) == 3
+    assert [p.name for p in average_last(checkpoints, 1, tmp_path / "one.pt")] == \
+        ["step_00000003.pt"]
+    # The average is written in this version's format, whatever the checkpoints' was.
+    torch.save({**sample_state(4), "format_version": 0}, checkpoints / "step_00000004.pt")
+    average_last(checkpoints, 1, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")["format_version"] == FORMAT_VERSION

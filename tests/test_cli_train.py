@@ -118,10 +118,14 @@ def test_usage_errors(args):
     assert result.exit_code == 2
 
 
-def test_no_arguments_shows_help():
-    result = runner.invoke(app, [])
-    assert "train" in result.output
-    assert result.exit_code in (0, 2)
+def test_no_arguments_shows_help_and_is_a_usage_error():
+    commands = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert {"train", "translate", "eval", "export"} <= set(commands)
+    for args in ([], ["--debug"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2  # as for any other usage error
+        listed = result.stdout.split("Commands")[-1]
+        assert all(f" {name} " in listed for name in commands), result.stdout
 
 
 def test_run_dir_paths_with_spaces(tiny_config_path, tmp_path):

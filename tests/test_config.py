@@ -9,13 +9,18 @@ import pytest
 
 from traduire.config import (
     BOUND_KEYS,
+    MODEL_PRESETS,
     Config,
     DataConfig,
     ModelConfig,
     TrainConfig,
     changed_keys,
+    config_from_dict,
+    encoder_decoder_layers,
+    fingerprint,
     load_config,
     parse_duration,
+    replace,
 )
 from traduire.errors import ConfigError
 
@@ -262,3 +267,156 @@ def test_not_a_number_and_infinity_are_refused(tmp_path, text):
     value = text.split(": ", 2)[2].rstrip("}")
     with pytest.raises(ConfigError, match="must be a finite number"):
         load_config(None, ["data.dir=x", f"{key}={value}"])
+
+
+# --- every check names its key and where the value came from ------------------------------------
+
+
+def error_of(path: Path, *overrides: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    return str(info.value)
+
+
+POSITIVE = ["tokenizer.vocab_size", "model.layers", "model.encoder_layers",
+            "model.decoder_layers", "model.d_model", "model.heads", "model.ffn_dim",
+            "model.max_positions", "train.batch_tokens", "train.accumulate", "train.max_len",
+            "train.lr", "train.save_every", "train.keep_last", "train.valid_every",
+            "train.log_every", "train.valid_bleu_sentences", "train.valid_beam",
+            "train.max_bad_steps", "data.max_words", "data.max_ratio"]
+NON_NEGATIVE = ["train.max_steps", "train.max_epochs", "train.warmup_steps", "train.clip_norm",
+                "train.threads", "train.decay_steps", "train.min_lr", "train.patience",
+                "train.average_last", "data.max_valid", "data.workers",
+                "tokenizer.input_sentence_size"]
+PROBABILITIES = ["model.dropout", "model.attention_dropout", "model.activation_dropout",
+                 "train.label_smoothing"]
+FLOATS = {"train.lr", "data.max_ratio", "train.clip_norm", "train.min_lr", *PROBABILITIES}
+
+
+@pytest.mark.parametrize("key", POSITIVE + NON_NEGATIVE + PROBABILITIES)
+def test_every_range_check_names_the_key_the_file_and_the_value(tmp_path, key):
+    section, name = key.split(".")
+    bad = 0 if key in POSITIVE else -1 if key in NON_NEGATIVE else 1
+    path = write_yaml(tmp_path, f"data: {{dir: corpus}}\n{section}: {{{name}: {bad}}}\n")
+    shown = float(bad) if key in FLOATS else bad
+    rule = ("must be positive" if key in POSITIVE else "must not be negative"
+            if key in NON_NEGATIVE else "must be in [0, 1)")
+    assert error_of(path) == f"{path}: '{key}' {rule}; got {shown}"
+
+
+def test_checks_that_join_keys_say_which(tmp_path):
+    path = write_yaml(tmp_path, "data: {source: hub}\n")
+    assert error_of(path) == \
+        f"{path}: 'data.hub_name' is required when data.source is 'hub'"
+    assert load_config(path, ["data.hub_name=wmt14"]).data.hub_name == "wmt14"
+    assert error_of(None, DIR, "train.schedule=cosine") == (
+        "defaults: 'train.schedule: cosine' needs 'train.decay_steps' or 'train.max_steps' "
+        "to know when to end")
+    for bound in ("train.decay_steps=100", "train.max_steps=100"):
+        assert load_config(None, [DIR, "train.schedule=linear", bound]).train.schedule == \
+            "linear"
+    assert error_of(None, DIR, "train.best_metric=bleu") == \
+        "defaults: 'train.best_metric: bleu' needs 'train.valid_bleu: true'"
+    assert load_config(None, [DIR, "train.best_metric=bleu", "train.valid_bleu=true"])
+    for coverage in (0, 1.5):
+        assert error_of(None, DIR, f"tokenizer.character_coverage={coverage}") == \
+            "defaults: 'tokenizer.character_coverage' must be in (0, 1]"
+    assert load_config(None, [DIR, "tokenizer.character_coverage=1"])
+
+
+@pytest.mark.parametrize(("yaml_text", "message"), [
+    ("model: {layers: abc}", "'model.layers' must be an integer; got str 'abc'"),
+    ("model: {layers: null}", "'model.layers' must be an integer; got NoneType None"),
+    ("model: {encoder_layers: x}", "'model.encoder_layers' must be an integer; got str 'x'"),
+    ("train: {lr: true}", "'train.lr' must be a number; got bool True"),
+    ("train: {lr: .nan}", "'train.lr' must be a finite number; got nan"),
+    ("data: {max_ratio: .inf}", "'data.max_ratio' must be a finite number; got inf"),
+    ("train: {adam_betas: [0.9, x]}", "'train.adam_betas' must be a number; got str 'x'"),
+    ("data: {dedupe: 3}", "'data.dedupe' must be true or false; got int 3"),
+    ("data: {src_lang: [en]}", "'data.src_lang' must be a string; got list ['en']"),
+    ("data: {src_lang: true}", "'data.src_lang' must be a string; got bool True"),
+    ("model: {norm: middle}", "'model.norm' must be one of pre, post; got 'middle'"),
+    ("model: {zzzz: 1}", "unknown key 'model.zzzz'"),
+    ("model: {layerz: 1}", "unknown key 'model.layerz' (did you mean 'layers'?)"),
+    ("modle: {layers: 1}", "unknown section 'modle' (expected one of data, tokenizer, model, "
+                           "train)"),
+])
+def test_type_errors_say_what_was_expected_and_what_came(tmp_path, yaml_text, message):
+    path = write_yaml(tmp_path, "data: {dir: corpus}\n" * ("data:" not in yaml_text)
+                      + yaml_text + "\n")
+    assert error_of(path) == f"{path}: {message}"
+
+
+def test_values_are_converted_where_yaml_reads_them_otherwise(tmp_path):
+    path = write_yaml(tmp_path, "data: {dir: '2024', bible_src: 4, max_ratio: 3}\n"
+                                "model: {encoder_layers: null, decoder_layers: 2}\n"
+                                "train: {lr: 1, adam_betas: [1, 0.5]}\n")
+    config = load_config(path)
+    assert config.data.dir == "2024" and config.data.bible_src == "4"
+    assert config.data.max_ratio == 3.0 and isinstance(config.data.max_ratio, float)
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.train.adam_betas == (1.0, 0.5) and isinstance(config.train.adam_betas[0],
+                                                                float)
+    assert config.model.encoder_layers is None
+    assert encoder_decoder_layers(config.model) == (6, 2)
+    assert encoder_decoder_layers(ModelConfig(layers=3, encoder_layers=4)) == (4, 3)
+
+
+def test_a_preset_fills_in_the_model_keys_the_config_leaves_out():
+    for name, values in MODEL_PRESETS.items():
+        model = load_config(None, [DIR, f"model.preset={name}"]).model
+        assert {key: getattr(model, key) for key in values} == values
+    model = load_config(None, [DIR, "model.preset=big", "model.layers=2"]).model
+    assert (model.layers, model.d_model, model.dropout) == (2, 1024, 0.3)
+    assert config_from_dict({"data": {"dir": "x"}, "model": {"preset": None}}).model == \
+        ModelConfig()
+
+
+def test_where_an_error_comes_from_is_named(tmp_path):
+    assert error_of(None, DIR, "model.layers=0") == \
+        "defaults: 'model.layers' must be positive; got 0"
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"data": {"dir": "x"}, "model": {"heads": "8"}})
+    assert str(info.value) == "config: 'model.heads' must be an integer; got str '8'"
+    path = write_yaml(tmp_path, "data: {dir: x}\nmodel: 3\n")
+    assert error_of(path, "model.layers=2") == f"{path}: section 'model' must be a mapping"
+    # The reader's and the parser's own words, on one line.
+    assert error_of(tmp_path).startswith(f"{tmp_path}: cannot read config: ")
+    (tmp_path / "latin1.yaml").write_bytes("data: {dir: caf\xe9}\n".encode("latin-1"))
+    assert "cannot read config: 'utf-8' codec" in error_of(tmp_path / "latin1.yaml")
+    broken = error_of(write_yaml(tmp_path, "model: [1, 2\n", "broken.yaml"))
+    assert broken.startswith(f"{tmp_path / 'broken.yaml'}: invalid YAML: while parsing a flow")
+    assert "\n" not in broken and "  " not in broken
+
+
+def test_overrides_split_on_the_first_equals_sign_and_keep_text_yaml_cannot_read():
+    config = load_config(None, ["data.dir=a=b", "data.train_prefix=[x", "train.max_time="])
+    assert config.data.dir == "a=b"
+    assert config.data.train_prefix == "[x"
+    assert config.train.max_time is None
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.a\.b'"):
+        load_config(None, [DIR, "model.a.b=1"])
+
+
+def test_changed_keys_with_keys_on_one_side_and_a_section_replaced_by_a_value():
+    assert changed_keys({"a": 1, "s": {"x": 1}}, {"b": 1, "s": {"x": 1, "y": 2}}) == \
+        ["a", "b", "s.y"]
+    assert changed_keys({"s": {"x": 1}}, {"s": 3}) == ["s"]
+    assert changed_keys({"s": 3}, {"s": {"x": 1}}) == ["s"]
+
+
+def test_fingerprints_depend_on_the_settings_only():
+    a = fingerprint({"model": {"layers": 2, "d_model": 32}, "betas": (0.9, 0.98)})
+    b = fingerprint({"betas": [0.9, 0.98], "model": {"d_model": 32, "layers": 2}})
+    assert a == b and len(a) == 16 and int(a, 16) >= 0
+    assert fingerprint({"model": {"layers": 3, "d_model": 32}, "betas": (0.9, 0.98)}) != a
+    assert fingerprint({"ids": range(3)}) == fingerprint({"ids": [0, 1, 2]})
+
+
+def test_replace_changes_only_the_keys_given():
+    config = load_config(None, [DIR])
+    changed = replace(config, train={"lr": 0.5, "seed": 3}, model={"layers": 2})
+    assert (changed.train.lr, changed.train.seed, changed.model.layers) == (0.5, 3, 2)
+    assert changed_keys(config.to_dict(), changed.to_dict()) == \
+        ["model.layers", "train.lr", "train.seed"]
+    assert config.train.lr == 1e-3  # the original is unchanged

@@ -81,3 +81,48 @@ def test_eval_translates_then_scores_without_printing_the_translations(tmp_path,
     record = json.loads(result.stdout)  # stdout is the JSON object alone
     assert record["speed"]["sentences"] == 2
     assert len(read_text(out)) == 2
+
+
+# --- validation BLEU ---------------------------------------------------------------------------
+
+
+def test_validation_bleu_translates_with_greedy_search_at_beam_one(learned_run):
+    """valid_beam 1 is exactly search.greedy, sentence by sentence; a wider beam is beam search
+    with translate's defaults; the BLEU is sacreBLEU's on those translations."""
+    import datasets
+
+    from conftest import toy_sentences
+    from traduire.batch import EncodedCorpus, source_batch
+    from traduire.evaluate import validate_bleu, validation_translations
+    from traduire.search import beam_search, greedy
+    from traduire.translate import Translator
+
+    translator = Translator.load(learned_run, device="cpu", precision="fp32")
+    model, tok = translator.model, translator.tokenizer
+    sources = toy_sentences()
+    src_ids = tok.encode_src(sources)
+    special = dict(bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id)
+
+    def alone(search) -> list[str]:
+        return [tok.decode_tgt([search(source_batch([ids], pad=tok.pad_id, eos=tok.eos_id))
+                                .tokens])[0] for ids in src_ids]
+
+    greedy_texts = alone(lambda src: greedy(model, src, **special)[0])
+    beam_texts = alone(lambda src: beam_search(model, src, beam=3, **special)[0][0])
+    differ = [i for i, (g, b) in enumerate(zip(greedy_texts, beam_texts)) if g != b]
+    assert len(differ) >= 2
+    # References: the greedy translation where the two differ, else a sentence of its own.
+    references = [greedy_texts[i] if i in differ else "le chat dort" for i in range(len(sources))]
+    data = EncodedCorpus(datasets.Dataset.from_dict({
+        "src_ids": src_ids, "tgt_ids": tok.encode_tgt(references),
+        "src_len": [len(s) for s in src_ids],
+        "tgt_len": [len(t) for t in tok.encode_tgt(references)],
+        "src": sources, "tgt": references}))
+
+    assert validation_translations(model, data, tok, len(sources), beam=1) == greedy_texts
+    assert validation_translations(model, data, tok, len(sources), beam=3) == beam_texts
+    assert validation_translations(model, data, tok, 7) == greedy_texts[:7]
+    bleu = validate_bleu(model, data, tok, len(sources), beam=1)
+    assert bleu == score(greedy_texts, references)["bleu"]
+    assert validate_bleu(model, data, tok, len(sources), beam=3) == \
+        score(beam_texts, references)["bleu"] < bleu

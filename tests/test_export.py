@@ -9,14 +9,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import toy_sentences
 from traduire.cli import app
 from traduire.translate import DecodeOptions, Translator
 
 ctranslate2 = pytest.importorskip("ctranslate2")
 
 from traduire.analysis import score_ids  # noqa: E402
+from traduire.batch import output_limits, source_batch  # noqa: E402
 from traduire.export import CTranslate2Translator, export_ctranslate2  # noqa: E402
 from traduire.model import Transformer  # noqa: E402
+from traduire.search import beam_search  # noqa: E402
 
 SOURCES = ["the dog runs", "a man in a red shirt sits on a bench", "", "two children",
            "people walk down the street at night", "a"]
@@ -72,6 +75,63 @@ def test_ctranslate2_greedy_search_equals_traduire_greedy(base, tmp_path, norm, 
     for mine, other in zip(ours, theirs, strict=True):
         assert [h.tokens for h in mine.hypotheses] == [h.tokens for h in other.hypotheses]
         assert mine.texts == other.texts
+
+
+class Renormalised:
+    """A model whose next-token distribution leaves out BOS and padding before normalising,
+    as CTranslate2's suppress_sequences does (traduire's search removes them after: its
+    log-probabilities are the model's own)."""
+
+    def __init__(self, model: Transformer, never: list[int]) -> None:
+        self.model, self.shape, self.never = model, model.shape, never
+
+    def encode(self, src):
+        return self.model.encode(src)
+
+    def new_cache(self):
+        return self.model.new_cache()
+
+    def decode(self, *args):
+        logits = self.model.decode(*args).clone()
+        logits[..., self.never] = float("-inf")
+        return logits
+
+
+@pytest.mark.parametrize("step", [60, 120])
+def test_ctranslate2_beam_search_is_traduires_on_the_renormalised_distribution(
+        learned_run, tmp_path, step):
+    """--lenpen 0, beam 5: CTranslate2's best translation of every sentence is the one
+    traduire's beam search finds when BOS and padding are left out before normalising, unless
+    CTranslate2's reaches the length limit, where it ends without EOS (the README says so)."""
+    translator = Translator.load(learned_run, learned_run / "checkpoints" / f"step_{step:08d}.pt",
+                                 device="cpu", precision="fp32")
+    export_ctranslate2(translator, tmp_path / "ct2")
+    engine = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu", intra_threads=1)
+    ct2 = CTranslate2Translator(translator, engine, "default")
+    tok = translator.tokenizer
+    src_ids, _ = translator.encode(toy_sentences())
+    src = source_batch(src_ids, pad=tok.pad_id, eos=tok.eos_id)
+    limits = output_limits(src, tok.pad_id, 1.2, 10, translator.model.shape.max_positions)
+    special = dict(bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id, lenpen=0.0)
+    renormalised = Renormalised(translator.model, [tok.bos_id, tok.pad_id])
+    expected = beam_search(renormalised, src, beam=5, **special)
+    theirs = ct2.translate_ids(src_ids, DecodeOptions(beam=5, lenpen=0.0))
+    compared = 0
+    for mine, other, limit in zip(expected, theirs, limits.tolist(), strict=True):
+        if len(other[0].tokens) == limit:
+            continue  # CTranslate2 went on to the batch's limit without EOS, and was cut
+        assert other[0].tokens == mine[0].tokens
+        assert other[0].logprob == pytest.approx(mine[0].logprob, abs=1e-4)
+        compared += 1
+    assert compared > 0.9 * len(src_ids)
+    # What makes this a test of beam search: at step 60 the best translation is often empty
+    # (CTranslate2 must be allowed to end at once), at step 120 beam 5 and greedy differ.
+    ours = beam_search(translator.model, src, beam=5, **special)
+    greedy = beam_search(translator.model, src, beam=1, **special)
+    if step == 60:
+        assert sum(not hyps[0].tokens for hyps in ours) > 10
+    else:
+        assert sum(a[0].tokens != b[0].tokens for a, b in zip(ours, greedy)) > 3
 
 
 def test_cli_export_then_translate(small_run, tmp_path):

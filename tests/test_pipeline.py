@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import datasets
 import pytest
 import yaml
 
+from conftest import make_pair
 from traduire.checkpoint import load_checkpoint, step_checkpoints
 from traduire.config import load_config
 from traduire.errors import CheckpointError, TraduireError
-from traduire.pipeline import run
+from traduire.pipeline import prepare, run
 from traduire.tokenizer import Tokenizer
 
 SHORT = ["train.max_steps=10"]
@@ -300,3 +302,57 @@ def test_stage_outputs_without_a_record_are_moved_aside_not_deleted(first_run,
     kept = list((first_run / "old").glob("*/data/mine.txt"))
     assert len(kept) == 1 and kept[0].read_text() == "a file someone put there"
     assert not (first_run / "data" / "mine.txt").exists()
+
+
+# --- the hub source ----------------------------------------------------------------------------
+
+
+def write_hub_dataset(root: Path, splits: dict[str, list[tuple[str, str]]]) -> Path:
+    """A dataset repository laid out as the hub's WMT ones are: one Parquet file per split and
+    language pair, rows {"translation": {"de"|"fr": ..., "en": ...}}, and the README's header
+    naming each configuration's files (what `datasets.load_dataset` reads to find them)."""
+    header = ["---", "configs:"]
+    for pair in ("de-en", "fr-en"):
+        other = pair.split("-")[0]
+        header += [f"- config_name: {pair}", "  data_files:"]
+        (root / pair).mkdir(parents=True)
+        for split, pairs in splits.items():
+            rows = [{"translation": {other: f"{other}:{tgt}", "en": src}} for src, tgt in pairs]
+            features = datasets.Features({"translation": datasets.Translation([other, "en"])})
+            datasets.Dataset.from_list(rows, features=features).to_parquet(
+                str(root / pair / f"{split}-00000-of-00001.parquet"))
+            header += [f"  - split: {split}", f"    path: {pair}/{split}-*"]
+    (root / "README.md").write_text("\n".join(header + ["---", ""]), encoding="utf-8")
+    return root
+
+
+def hub_config(hub: Path, *overrides: str):
+    return load_config(None, ["data.source=hub", f"data.hub_name={hub}",
+                              "data.hub_config=fr-en", "tokenizer.vocab_size=40", *overrides])
+
+
+def test_hub_source_reads_the_translation_rows_of_the_chosen_config(tmp_path):
+    rng = random.Random(3)
+    train = [make_pair(rng) for _ in range(60)] + [("", "vide"), ("a cat", "un chat")] * 2
+    valid = [make_pair(rng) for _ in range(5)]
+    hub = write_hub_dataset(tmp_path / "wmt-toy", {"train": train, "validation": valid})
+    prepare(hub_config(hub), tmp_path / "run")
+
+    kept = datasets.load_from_disk(str(tmp_path / "run" / "data" / "train"))
+    expected = list(dict.fromkeys((s, f"fr:{t}") for s, t in train if s))  # cleaned, deduped
+    assert list(zip(kept["src"], kept["tgt"])) == expected
+    assert datasets.load_from_disk(str(tmp_path / "run" / "data" / "valid"))["tgt"] == \
+        [f"fr:{t}" for _, t in valid]
+    report = json.loads((tmp_path / "run" / "data" / "report.json").read_text())
+    assert report["train"]["read"] == len(train) and report["valid"]["read"] == len(valid)
+    assert report["train"]["dropped"]["empty"] == 2
+    assert (tmp_path / "run" / "tokenizer" / "spm.model").is_file()
+
+    # Another language pair of the same repository, a missing language, a missing split.
+    prepare(hub_config(hub, "data.hub_config=de-en", "data.tgt_lang=de"), tmp_path / "de")
+    assert datasets.load_from_disk(str(tmp_path / "de" / "data" / "valid"))["tgt"] == \
+        [f"de:{t}" for _, t in valid]
+    with pytest.raises(TraduireError, match=r"no field 'fr' \(found: de, en\)"):
+        prepare(hub_config(hub, "data.hub_config=de-en"), tmp_path / "no-fr")
+    with pytest.raises(TraduireError, match="split 'dev'"):
+        prepare(hub_config(hub, "data.valid_split=dev"), tmp_path / "no-dev")

@@ -10,7 +10,7 @@ import torch
 
 from traduire import search
 from traduire.model import DecoderCache, Transformer, TransformerShape
-from traduire.search import Hypothesis, beam_search, greedy, length_penalty, sample
+from traduire.search import beam_search, greedy, length_penalty, sample
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIAL = dict(bos=BOS, eos=EOS, pad=PAD)
@@ -155,8 +155,10 @@ class BigramModel:
     """A scripted stand-in for the Transformer: the next token depends only on the last one,
     through the table `probs` {last: {next: probability}}, the rest spread evenly."""
 
-    def __init__(self, vocab: int, probs: dict[int, dict[int, float]]) -> None:
-        self.shape = TransformerShape(src_vocab_size=vocab, tgt_vocab_size=vocab)
+    def __init__(self, vocab: int, probs: dict[int, dict[int, float]],
+                 max_positions: int = 1024) -> None:
+        self.shape = TransformerShape(src_vocab_size=vocab, tgt_vocab_size=vocab,
+                                      max_positions=max_positions)
         table = torch.empty(vocab, vocab)
         for last in range(vocab):
             given = probs.get(last, {})
@@ -250,8 +252,10 @@ def test_length_limit_forces_eos() -> None:
 
 def test_nbest_larger_than_beam_is_rejected() -> None:
     model = tiny_model(8, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^need 1 <= nbest <= beam, got nbest=3, beam=2$"):
         beam_search(model, random_sources(8, [2], 0), beam=2, nbest=3, **SPECIAL)
+    with pytest.raises(ValueError, match="got nbest=0, beam=2"):
+        beam_search(model, random_sources(8, [2], 0), beam=2, nbest=0, **SPECIAL)
 
 
 def test_one_token_per_step_and_the_batch_shrinks() -> None:
@@ -326,8 +330,155 @@ def test_top_one_sampling_is_greedy(kwargs: dict) -> None:
         assert s.logprob == pytest.approx(g.logprob, abs=1e-5)
 
 
-def test_hypothesis_probability() -> None:
-    hyp = Hypothesis(tokens=[5], logprob=-1.5, score=-1.0, token_logprobs=[-1.0, -0.5])
-    assert hyp.probability == pytest.approx(math.exp(-1.5))
-    assert length_penalty(1, 0.0) == 1.0
-    assert length_penalty(7, 1.0) == pytest.approx(2.0)
+def test_length_penalty_is_gnmt_and_probability_is_the_product_of_token_probabilities(
+        ) -> None:
+    # Wu et al. (2016), eq. 14: lp(Y) = (5 + |Y|)^alpha / (5 + 1)^alpha.
+    for length in range(1, 12):
+        for alpha in (0.0, 0.6, 1.0, 2.0):
+            assert length_penalty(length, alpha) == pytest.approx(
+                math.pow(5 + length, alpha) / math.pow(6, alpha), rel=1e-12)
+    model = tiny_model(12, 4, peak=1.0)
+    src = random_sources(12, [3, 5], 4)
+    for i, hyps in enumerate(beam_search(model, src, beam=3, nbest=3, lenpen=0.6, **SPECIAL)):
+        row = src[i:i + 1, :int((src[i] != PAD).sum())]
+        for hyp in hyps:
+            per_token = [math.exp(lp) for lp in teacher_forced(model, row, hyp.tokens)]
+            assert hyp.probability == pytest.approx(math.prod(per_token), rel=1e-4)
+            assert hyp.score == pytest.approx(
+                hyp.logprob * 6 ** 0.6 / (6 + len(hyp.tokens)) ** 0.6, rel=1e-5)
+
+
+# --- bounds, limits and sampling, exactly ---------------------------------------------------------
+
+
+def random_bigram(vocab: int, seed: int) -> BigramModel:
+    gen = torch.Generator().manual_seed(seed)
+    model = BigramModel(vocab, {})
+    model.logits = (torch.randn(vocab, vocab, generator=gen) * 2.5).log_softmax(-1)
+    return model
+
+
+def bigram_reference_beam(model: BigramModel, beam: int, lenpen: float, max_len: int
+                          ) -> list[tuple[float, list[int]]]:
+    """reference_beam's classical beam search (no early stopping, every hypothesis run to the
+    length limit) on a bigram model."""
+    live: list[tuple[float, list[int]]] = [(0.0, [])]
+    finished: list[tuple[float, list[int]]] = []
+    for step in range(max_len + 1):
+        candidates = []
+        for logprob, tokens in live:
+            lps = model.logits[tokens[-1] if tokens else BOS].tolist()
+            for token, lp in enumerate(lps):
+                if token not in (PAD, BOS) and (step < max_len or token == EOS):
+                    candidates.append((logprob + lp, tokens + [token]))
+        candidates.sort(key=lambda c: c[0], reverse=True)
+        candidates = candidates[:2 * beam]
+        for logprob, tokens in candidates[:beam]:
+            if tokens[-1] == EOS:
+                finished.append((logprob / length_penalty(len(tokens), lenpen), tokens[:-1]))
+        live = [c for c in candidates if c[1][-1] != EOS][:beam]
+    finished.sort(key=lambda c: c[0], reverse=True)
+    return finished[:beam]
+
+
+@pytest.mark.parametrize("lenpen", [-1.0, -0.3, 0.6, 2.0, 4.0])
+def test_early_stopping_is_exact_for_any_length_penalty(lenpen: float) -> None:
+    """On many small bigram models, with limits short enough that the best hypothesis often
+    ends at the limit, and negative penalties (which favour short outputs): stopping early
+    changes nothing."""
+    src = torch.tensor([[4, EOS]])
+    for seed in range(40):
+        model = random_bigram(7, seed)
+        for max_len in (2, 5):
+            hyps = beam_search(model, src, beam=3, nbest=3, lenpen=lenpen, max_len_a=0.0,
+                               max_len_b=max_len, **SPECIAL)[0]
+            expected = bigram_reference_beam(model, 3, lenpen, max_len)
+            assert [h.tokens for h in hyps] == [t for _, t in expected], (seed, max_len)
+            assert [h.score for h in hyps] == pytest.approx([s for s, _ in expected],
+                                                            abs=1e-5)
+
+
+NEVER_ENDS = {t: {EOS: 1e-12} for t in range(9)}  # EOS almost impossible after any token
+
+
+@pytest.mark.parametrize(("a", "b", "max_positions", "expected"), [
+    (0.0, 3, 1024, [3, 3]), (1.0, 2, 1024, [5, 4]), (2.0, 10, 8, [7, 7])])
+def test_every_search_runs_to_the_length_limit_exactly(a, b, max_positions, expected) -> None:
+    """A model that (almost) never ends: greedy, beam and sampled outputs all have exactly
+    int(a * source length + b) tokens, EOS included in the length, never more than the
+    model's positions hold."""
+    model = BigramModel(9, NEVER_ENDS, max_positions)
+    src = torch.tensor([[5, 6, EOS], [5, EOS, PAD]])
+    limits = dict(max_len_a=a, max_len_b=b)
+    assert [len(h.tokens) for h in greedy(model, src, **limits, **SPECIAL)] == expected
+    assert [len(h[0].tokens) for h in beam_search(model, src, beam=2, **limits,
+                                                  **SPECIAL)] == expected
+    sampled = sample(model, src, generator=torch.Generator().manual_seed(0), **limits,
+                     **SPECIAL)
+    assert [len(h.tokens) for h in sampled] == expected
+    for hyp in sampled:
+        assert hyp.score == hyp.logprob == pytest.approx(sum(hyp.token_logprobs))
+        assert hyp.token_logprobs[-1] == pytest.approx(math.log(1e-12), rel=1e-4)  # the EOS
+
+
+def first_tokens(model, n: int, **options) -> torch.Tensor:
+    """The first sampled token of n sentences, as counts per token."""
+    src = torch.tensor([[4, EOS]] * n)
+    hyps = sample(model, src, generator=torch.Generator().manual_seed(11), max_len_a=0.0,
+                  max_len_b=1, **options, **SPECIAL)
+    return torch.bincount(torch.tensor([h.tokens[0] if h.tokens else EOS for h in hyps]),
+                          minlength=8).double()
+
+
+def test_sampling_draws_from_the_tempered_and_truncated_distribution() -> None:
+    probs = {BOS: {4: 0.4, 5: 0.3, 6: 0.2, 7: 0.08, EOS: 0.02}}
+    model, n = BigramModel(8, probs), 4000
+    p = torch.zeros(8, dtype=torch.float64)
+    for token, q in probs[BOS].items():
+        p[token] = q
+
+    def close(counts: torch.Tensor, expected: torch.Tensor) -> None:
+        expected = expected / expected.sum()
+        sigma = (expected * (1 - expected) / n).sqrt()
+        assert ((counts / n - expected).abs() <= 5 * sigma + 1e-9).all(), (counts / n, expected)
+
+    close(first_tokens(model, n), p)  # the model's own distribution by default
+    close(first_tokens(model, n, temperature=1.0), p)
+    close(first_tokens(model, n, temperature=2.0), p ** 0.5)
+    close(first_tokens(model, n, temperature=0.5), p ** 2)
+    close(first_tokens(model, n, top_k=2), p * (p >= 0.3))
+    # Nucleus: 4 and 5 hold 0.7 < 0.75, so 6 completes it and 7 and EOS are out.
+    close(first_tokens(model, n, top_p=0.75), p * (p >= 0.2))
+    for temperature in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature must be positive"):
+            first_tokens(model, 1, temperature=temperature)
+
+
+def test_nucleus_and_top_k_boundaries() -> None:
+    logprobs = torch.tensor([[0.5, 0.25, 0.125, 0.125]], dtype=torch.float64).log()
+    kept = lambda **cut: search._sampling_weights(logprobs, 1.0, **cut).isfinite()  # noqa: E731
+    # Once the more probable tokens hold exactly top_p, the next one is out.
+    assert kept(top_k=None, top_p=0.5).tolist() == [[True, False, False, False]]
+    assert kept(top_k=None, top_p=0.75).tolist() == [[True, True, False, False]]
+    assert kept(top_k=None, top_p=0.76).tolist() == [[True, True, True, False]]
+    # Ties with the k-th most probable token stay in.
+    assert kept(top_k=3, top_p=None).tolist() == [[True, True, True, True]]
+    assert kept(top_k=2, top_p=None).tolist() == [[True, True, False, False]]
+    assert kept(top_k=9, top_p=None).all()
+    weights = search._sampling_weights(logprobs, 2.0, None, None)
+    torch.testing.assert_close(weights, logprobs / 2.0)
+
+
+def test_the_bound_uses_the_penalty_of_the_longest_output_the_limit_allows() -> None:
+    """"A EOS" finishes first; "A B C D E EOS" ends exactly at the length limit (5 tokens) and,
+    with lenpen 2, wins. Bounding the live "A B" with the penalty of a shorter output would
+    stop the search before it gets there."""
+    a, b, c, d, e = 4, 5, 6, 7, 8
+    model = BigramModel(9, {BOS: {a: 0.6, EOS: 0.1}, a: {EOS: 0.5, b: 0.1},
+                            b: {c: 0.99}, c: {d: 0.99}, d: {e: 0.99}, e: {EOS: 0.99}})
+    src = torch.tensor([[4, 4, EOS]])
+    for beam in (1, 2):
+        best = beam_search(model, src, beam=beam, lenpen=2.0, max_len_a=0.0, max_len_b=5,
+                           **SPECIAL)[0][0]
+        assert best.tokens == [a, b, c, d, e]
+        assert bigram_reference_beam(model, beam, 2.0, 5)[0][1] == best.tokens

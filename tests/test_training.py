@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_settings, write_config, write_corpus
+from conftest import make_pair, tiny_settings, write_config, write_corpus
 from traduire.batch import collate
 from traduire.checkpoint import load_checkpoint, step_checkpoints
 from traduire.config import load_config
@@ -255,25 +256,220 @@ def test_auto_precision_is_bf16_only_on_native_hardware(tmp_path, tiny_config_pa
     assert f"parameters on cpu, {expected}" in capsys.readouterr().err
 
 
-def test_early_stopping_ends_after_patience_validations_without_improvement(tmp_path,
-                                                                            tiny_config_path):
-    # A learning rate too small to move float32 weights: the validation loss cannot improve
-    # after the first validation, so patience 2 stops the run at the third.
-    config = load_config(tiny_config_path, ["train.lr=1e-12", "train.max_steps=100",
-                                            "train.valid_every=5", "train.patience=2"])
-    state = run(config, tmp_path / "run")
-    assert state.step == 15
+# --- which validation keeps best.pt, and when patience stops -----------------------------------
+
+
+def write_disagreeing_corpus(directory: Path) -> Path:
+    """A corpus on which validation BLEU and validation loss disagree, by construction.
+
+    Training: 16 pairs, learned by heart within a few dozen steps. Validation: 8 of those
+    pairs first (validation BLEU reads only these, with valid_bleu_sentences=8), then the same
+    8 sources with references in letters the training text never shows, which the tokenizer
+    maps to <unk>. Learning the training pairs drives BLEU on the first 8 towards 100, and the
+    probability of <unk>, never a training target, down: the validation loss, most of whose
+    tokens are those <unk>s, rises from the first validation on."""
+    rng = random.Random(0)
+    pairs: list[tuple[str, str]] = []
+    while len(pairs) < 16:
+        pair = make_pair(rng)
+        if pair not in pairs:
+            pairs.append(pair)
+    foreign = [(src, "ω ψ ω ψ ω ψ ω ψ" + " ψ" * k) for k in (1, 2, 3) for src, _ in pairs[:8]]
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, chosen in (("train", pairs), ("val", pairs[:8] + foreign)):
+        for lang, column in (("en", 0), ("fr", 1)):
+            (directory / f"{prefix}.{lang}").write_text(
+                "".join(pair[column] + "\n" for pair in chosen), encoding="utf-8")
+    return directory
+
+
+def disagreeing_settings(directory: Path, **train: object) -> dict:
+    """Fast, deterministic learning by heart: no dropout or label smoothing, a word-level
+    vocabulary, a nearly constant learning rate."""
+    return tiny_settings(directory, tokenizer={"vocab_size": 64}, model={"dropout": 0.0},
+                         train={"label_smoothing": 0.0, "lr": 0.01, "warmup_steps": 5,
+                                "schedule": "linear", "decay_steps": 1000, "max_steps": 200,
+                                "valid_every": 10, "save_every": 10, "keep_last": 100,
+                                "log_every": 10, **train})
+
+
+def validations(run_dir: Path) -> list[dict]:
+    return [r for r in train_records(run_dir) if "valid_loss" in r]
+
+
+def improvements(values: list[float], higher_is_better: bool) -> list[bool]:
+    """For each validation, whether it beat every one before it (the first always does)."""
+    flags, best = [], None
+    for value in values:
+        better = best is None or (value > best if higher_is_better else value < best)
+        flags.append(better)
+        best = value if better else best
+    return flags
+
+
+def stop_by_patience(flags: list[bool], patience: int) -> int | None:
+    """The index of the validation at which `patience` validations in a row have not
+    improved, or None."""
+    without = 0
+    for i, improved in enumerate(flags):
+        without = 0 if improved else without + 1
+        if without >= patience:
+            return i
+    return None
+
+
+@pytest.fixture(scope="module")
+def disagreeing_corpus(workspace) -> Path:
+    return write_disagreeing_corpus(workspace / "disagreeing")
+
+
+def test_best_pt_holds_the_weights_of_the_best_bleu_when_bleu_picks(workspace,
+                                                                    disagreeing_corpus):
+    settings = disagreeing_settings(disagreeing_corpus, valid_bleu=True, valid_bleu_sentences=8,
+                                    best_metric="bleu", patience=2)
+    run_dir = workspace / "by-bleu"
+    state = run(load_config(write_config(workspace / "by-bleu.yaml", settings)), run_dir)
+    records = validations(run_dir)
+    steps = [r["step"] for r in records]
+    bleus, losses = [r["valid_bleu"] for r in records], [r["valid_loss"] for r in records]
+    flags = improvements(bleus, higher_is_better=True)
+    best_step = steps[max(i for i, better in enumerate(flags) if better)]
+    # The construction works: BLEU and loss point at different steps, and BLEU reached a
+    # value later validations could not beat.
+    assert max(bleus) > 50
+    assert best_step != steps[losses.index(min(losses))]
+    assert best_step != steps[-1]
+    assert [r["best"] for r in records] == flags
+
+    best = load_checkpoint(run_dir / "best.pt")
+    assert best["train_state"]["step"] == best_step
+    assert best["train_state"]["best_valid_bleu"] == max(bleus)
+    assert_same_weights(best["model"],
+                        load_checkpoint(run_dir / "checkpoints" / f"step_{best_step:08d}.pt")
+                        ["model"])
+    last = load_checkpoint(step_checkpoints(run_dir / "checkpoints")[-1])["model"]
+    assert any(not torch.equal(best["model"][k], last[k]) for k in last)
+    # Patience counts validations without a better BLEU: the run stopped at the second.
+    stopped = stop_by_patience(flags, 2)
+    assert stopped is not None and state.step == steps[stopped] == steps[-1] < 200
     assert state.validations_without_improvement == 2
 
 
-def test_validation_bleu_can_choose_the_best_checkpoint(tmp_path, tiny_config_path):
-    config = load_config(tiny_config_path, ["train.valid_bleu=true", "train.best_metric=bleu",
-                                            "train.max_steps=20", "train.valid_every=10"])
+def test_early_stopping_counts_validations_whose_loss_did_not_improve(workspace,
+                                                                      disagreeing_corpus):
+    settings = disagreeing_settings(disagreeing_corpus, valid_every=5, patience=2)
+    run_dir = workspace / "by-loss"
+    state = run(load_config(write_config(workspace / "by-loss.yaml", settings)), run_dir)
+    records = validations(run_dir)
+    steps, losses = [r["step"] for r in records], [r["valid_loss"] for r in records]
+    flags = improvements(losses, higher_is_better=False)
+    assert [r["best"] for r in records] == flags
+    stopped = stop_by_patience(flags, 2)
+    assert stopped is not None, losses  # the validation loss rises by construction
+    assert state.step == steps[stopped] == steps[-1] < 200
+    assert state.validations_without_improvement == 2
+    assert not any(r["step"] > state.step for r in train_records(run_dir))
+    best_step = steps[losses.index(min(losses))]
+    assert load_checkpoint(run_dir / "best.pt")["train_state"]["step"] == best_step
+
+
+# --- TensorBoard, torch.compile, fp16 ----------------------------------------------------------
+
+
+def test_tensorboard_event_files_hold_the_logged_metrics(tmp_path, tiny_config_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = load_config(tiny_config_path, ["train.tensorboard=true", "train.max_steps=4",
+                                            "train.log_every=1", "train.valid_every=2"])
     run(config, tmp_path / "run")
-    bleus = [r["valid_bleu"] for r in train_records(tmp_path / "run") if "valid_bleu" in r]
-    assert len(bleus) == 2 and all(0.0 <= b <= 100.0 for b in bleus)
-    best = load_checkpoint(tmp_path / "run" / "best.pt")
-    assert best["train_state"]["best_valid_bleu"] == max(bleus)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    records = train_records(tmp_path / "run")
+    for prefix, key in (("train", "loss"), ("train", "lr"), ("valid", "valid_loss"),
+                        ("valid", "valid_ppl")):
+        logged = [(r["step"], r[key]) for r in records if key in r]
+        assert len(logged) == (4 if prefix == "train" else 2)
+        scalars = [(e.step, e.value) for e in events.Scalars(f"{prefix}/{key}")]
+        assert [step for step, _ in scalars] == [step for step, _ in logged]
+        assert [v for _, v in scalars] == pytest.approx([v for _, v in logged], rel=1e-6)
+    assert "train/step" not in events.Tags()["scalars"]
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, tiny_config_path,
+                                                             monkeypatch):
+    import sys
+
+    from traduire.errors import TraduireError
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises
+    config = load_config(tiny_config_path, ["train.tensorboard=true", "train.max_steps=1"])
+    with pytest.raises(TraduireError, match=r"pip install 'traduire\[tensorboard\]'"):
+        run(config, tmp_path / "run")
+
+
+def same_shape_corpus(directory: Path) -> Path:
+    """72 copies of one pair: every batch has the same shape, so a compiled model is compiled
+    once, not once per batch shape."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", 72), ("val", 4)):
+        (directory / f"{prefix}.en").write_text("the big dog runs here\n" * n, encoding="utf-8")
+        (directory / f"{prefix}.fr").write_text("le grand chien court ici\n" * n,
+                                                encoding="utf-8")
+    return directory
+
+
+def test_compiled_model_trains_with_the_losses_of_the_eager_one(tmp_path, monkeypatch):
+    """train.compile: the model goes through torch.compile, and training computes the same
+    losses and weights. Inductor's C++ code generation takes minutes on a small CPU, so the
+    test has dynamo and AOT autograd trace the model (what traduire's code must allow) and
+    runs the traced graphs as they are (the aot_eager backend)."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported on this Python")
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return aot_eager(graph, example_inputs)
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend=counting_backend))
+    data = same_shape_corpus(tmp_path / "data")
+    losses, weights = {}, {}
+    for compiled in (False, True):
+        settings = tiny_settings(data, data={"dedupe": False}, tokenizer={"vocab_size": 20},
+                                 model={"dropout": 0.0},
+                                 train={"max_steps": 3, "log_every": 1, "valid_every": 3,
+                                        "save_every": 3, "compile": compiled})
+        run_dir = tmp_path / f"run-{compiled}"
+        run(load_config(write_config(tmp_path / f"{compiled}.yaml", settings)), run_dir)
+        losses[compiled] = [r["loss"] for r in train_records(run_dir) if "loss" in r]
+        weights[compiled] = final_weights(run_dir, 3)
+        assert bool(graphs) == compiled
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert_same_weights(weights[True], weights[False])
+
+
+def test_fp16_on_cpu_scales_the_loss_and_trains_like_fp32(tmp_path, tiny_config_path):
+    losses, saved = {}, {}
+    for precision in ("fp32", "fp16"):
+        config = load_config(tiny_config_path, [f"train.precision={precision}",
+                                                "train.max_steps=6", "train.log_every=1",
+                                                "model.dropout=0", "train.save_every=6"])
+        run(config, tmp_path / precision)
+        losses[precision] = [r["loss"] for r in train_records(tmp_path / precision)
+                             if "loss" in r]
+        saved[precision] = load_checkpoint(step_checkpoints(tmp_path / precision /
+                                                            "checkpoints")[-1])
+    assert losses["fp16"] == pytest.approx(losses["fp32"], rel=2e-3)
+    assert losses["fp16"][-1] < losses["fp16"][0]
+    # fp16 keeps a loss scale (and resumes with it); fp32 has none.
+    assert saved["fp16"]["scaler"]["scale"] > 1 and saved["fp32"]["scaler"] == {}
+    assert saved["fp16"]["train_state"]["skipped_steps"] == 0
 
 
 def test_average_command_writes_the_mean_of_the_last_checkpoints(tmp_path, tiny_config_path):

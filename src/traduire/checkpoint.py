@@ -135,14 +135,16 @@ def _why_unreadable(path: Path, error: Exception) -> str:
     try:
         with open(path, "rb") as f:
             head = f.read(4)
-    except OSError:
-        head = b""
+    except OSError as e:  # unreadable (permissions, a failing disk): the system's words
+        return e.strerror or message[:200]
     if not head:
         return "the file is empty"
     if not head.startswith((b"PK", b"\x80")):  # neither torch's zip format nor a pickle
         return f"not a torch checkpoint file; it starts with {head!r}"
     if "Weights only load failed" in message:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+        # torch names the global "Unsupported global: GLOBAL x.y" or, for a module it blocks
+        # outright (os, subprocess, ...), "unsupported GLOBAL x.y whose module x is blocked".
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", message)
         if found:
             return (f"it holds Python objects ({found.group(1)}), not only tensors and plain "
                     "data; they were not loaded, since unpickling them could run code")
@@ -153,7 +155,7 @@ def _why_unreadable(path: Path, error: Exception) -> str:
                 + "; it was not unpickled, since that could run code")
     if head.startswith(b"PK"):
         return f"a truncated, damaged or foreign zip archive: {message[:120]}"
-    return message[:200]
+    return f"a truncated or damaged pickle: {message[:120]}"
 
 
 def load_latest(directory: Path, map_location: str | torch.device,

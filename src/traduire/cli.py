@@ -23,18 +23,23 @@ from traduire.errors import TraduireError
 
 app = typer.Typer(
     help="Train Transformer translation models and translate with them.",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    pretty_exceptions_enable=False, add_completion=False,
     rich_markup_mode="markdown",  # reflow docstring paragraphs to the terminal width
     context_settings={"help_option_names": ["-h", "--help"]})
 stderr = Console(stderr=True)
 _debug = False
 
 
-@app.callback()
-def _global(debug: Annotated[bool, typer.Option(
+@app.callback(invoke_without_command=True)
+def _global(ctx: typer.Context, debug: Annotated[bool, typer.Option(
         "--debug", help="Show full tracebacks instead of one-line errors.")] = False) -> None:
     global _debug
     _debug = debug
+    if ctx.invoked_subcommand is None:
+        # No command: the help, and the exit status of any other usage error (whatever
+        # click's version would do with no_args_is_help).
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2)
 
 
 def command(fn):

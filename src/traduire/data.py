@@ -154,7 +154,12 @@ def _select_languages(pairs: datasets.Dataset, cfg: DataConfig, origin: str, wor
                       ) -> datasets.Dataset:
     """Rows as {translation: {en:…, fr:…}} or {en:…, fr:…} -> columns src, tgt."""
     nested = "translation" in pairs.column_names
-    available = (set(pairs.features["translation"]) if nested else set(pairs.column_names))
+    if not nested:
+        available = set(pairs.column_names)
+    elif isinstance(pairs.features["translation"], datasets.Translation):
+        available = set(pairs.features["translation"].languages)  # the hub's WMT datasets
+    else:
+        available = set(pairs.features["translation"])  # a struct, as JSON rows give
     for lang in (cfg.src_lang, cfg.tgt_lang):
         if lang not in available:
             raise DataError(f"{origin}: no field '{lang}' (found: {', '.join(sorted(available))})")

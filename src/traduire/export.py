@@ -154,10 +154,13 @@ class CTranslate2Translator(Translator):
     """A Translator whose search runs in CTranslate2 on an exported model. Tokenisation, batching
     and output are traduire's.
 
-    Differences from traduire's own search, all CTranslate2's: the length penalty divides the
-    log-probability by length^α instead of ((5 + length) / 6)^α (α = 0 gives the same ranking);
-    its search stops at one length limit per batch, which each sentence's output is then cut to
-    its own limit; and per-token log-probabilities are not reported.
+    Differences from traduire's own search, all CTranslate2's: BOS and padding are left out of
+    each step's distribution before it is normalised, not after (with α = 0 the best output is
+    the one traduire finds on that renormalised distribution); the length penalty divides the
+    log-probability by length^α instead of ((5 + length) / 6)^α; a hypothesis at the length
+    limit ends without EOS, and the search stops at one length limit per batch, which each
+    sentence's output is then cut to its own limit; n-best lists end once `beam` hypotheses
+    have; and per-token log-probabilities are not reported.
     """
 
     def __init__(self, base: Translator, engine, compute_type: str) -> None:
@@ -206,8 +209,11 @@ class CTranslate2Translator(Translator):
             _ctranslate2().set_random_seed(options.seed)
             search = dict(beam_size=1, sampling_topk=top_k or 0, sampling_topp=top_p or 1.0,
                           sampling_temperature=options.temperature)
+        # min_decoding_length 0: as in traduire's search, EOS may come first (an empty
+        # translation); CTranslate2's default of 1 would force a token before it.
         results = self.engine.translate_batch(pieces, max_decoding_length=max(limits) + 1,
-                                              return_scores=True, return_end_token=False,
+                                              min_decoding_length=0, return_scores=True,
+                                              return_end_token=False,
                                               suppress_sequences=self.never, **search)
         out = []
         for result, limit in zip(results, limits):
