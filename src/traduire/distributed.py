@@ -3,9 +3,11 @@
 A process started by torchrun finds RANK, WORLD_SIZE and LOCAL_RANK in its environment; without
 them traduire runs as a single process and every helper here is a no-op.
 
-Two kinds of messages pass between ranks: gradients (DDP, on the training device: NCCL on
-GPUs, gloo on CPU) and small decisions — stop now, a number to log. Decisions travel over a
-gloo group on the CPU, so that agreeing on them never makes the host wait for the GPU.
+Two kinds of messages pass between ranks. Numbers the step computes — gradients (DDP) and
+the step's loss — are summed on the training device (NCCL on GPUs, gloo on CPU), queued like
+the step's other work, so the host never waits for them. Decisions — stop now, what to
+restore — travel over a gloo group on the CPU, so agreeing on them never makes the host wait
+for the GPU either.
 """
 
 from __future__ import annotations
@@ -80,6 +82,14 @@ def _active() -> bool:
 def barrier() -> None:
     if _active():
         dist.barrier(group=_control_group)
+
+
+def sum_on_device(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over the ranks of a tensor on the training device, in place. With NCCL the sum
+    is queued on the GPU's stream like a kernel: the host goes on without waiting for it."""
+    if _active():
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def any_rank(values: list[int]) -> list[int]:

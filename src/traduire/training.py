@@ -151,7 +151,7 @@ class Trainer:
         self.monitor.start(self.cfg.max_steps or None, self.state.step)
         while True:
             planned = next(steps)
-            loss = self._train_step(planned.parts, planned.tgt_lengths.sum())
+            loss = self._train_step(planned.parts, int(planned.tgt_lengths.sum()))
             self.state.batch_in_epoch = planned.index + 1
             if self.state.batch_in_epoch == planned.epoch_batches:
                 self.state.epoch, self.state.batch_in_epoch = planned.epoch + 1, 0
@@ -175,8 +175,9 @@ class Trainer:
                 return stopped_by
 
     def _train_step(self, parts: list[tuple[Batch, float]], total_tgt: int) -> torch.Tensor:
-        """One optimizer step on this rank's share of a global batch; returns this rank's
-        summed loss as a tensor on the device (not read here: reading waits for the GPU)."""
+        """One optimizer step on this rank's share of a global batch; returns the global
+        batch's summed loss as a tensor on the device (not read here: reading waits for the
+        GPU)."""
         self.net.train()
         loss_sum = torch.zeros((), device=self.device)
         for i, (batch, weight) in enumerate(parts):
@@ -189,6 +190,9 @@ class Trainer:
                 # depend on how the batch is split between ranks and passes.
                 self.scaler.scale(loss * weight * self.dist.world_size / total_tgt).backward()
             loss_sum = loss_sum + loss.detach() * weight
+        # Summed over the ranks, so that every rank sees the same loss and skips the same
+        # steps: a rank that updated while another skipped would leave the replicas different.
+        distributed.sum_on_device(loss_sum)
         self._optimizer_step(loss_sum)
         return loss_sum
 
@@ -226,8 +230,9 @@ class Trainer:
         self.bad_in_a_row = (self.bad_in_a_row + 1) * bad
 
     def _read_bad_steps(self) -> None:
-        skipped, in_a_row = distributed.any_rank([int(self.skipped.item()),
-                                                  int(self.bad_in_a_row.item())])
+        """Read the skipped-step counts from the device (the same on every rank: they count
+        steps whose global loss was not finite)."""
+        skipped, in_a_row = int(self.skipped.item()), int(self.bad_in_a_row.item())
         self.state.skipped_steps, self.state.bad_steps_in_a_row = skipped, in_a_row
         if in_a_row >= self.cfg.max_bad_steps:
             raise TraduireError(
@@ -246,12 +251,15 @@ class Trainer:
     # --- logging and validation ----------------------------------------------------------------
 
     def _log(self, window: Window) -> None:
-        loss_sum, counted = distributed.all_reduce_sum(window.read())
+        """Write a log line: rank 0 only (the window holds global figures on every rank)."""
+        if not self.dist.is_main:
+            return
+        loss_sum, counted = window.read()
         record = {"step": self.state.step,
                   "epoch": self.state.epoch + (self.state.batch_in_epoch > 0),
                   "lr": learning_rate(self.state.step, self.cfg),
-                  **window.summary(loss_sum, counted / self.dist.world_size,
-                                   peak_flops(self.device), self.dist.world_size),
+                  **window.summary(loss_sum, counted, peak_flops(self.device),
+                                   self.dist.world_size),
                   "grad_norm": (round(float(self.grad_norm.item()), 4)
                                 if self.grad_norm is not None else None),
                   "elapsed": round(self.state.elapsed, 1),
