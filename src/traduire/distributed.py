@@ -175,18 +175,29 @@ def run_on_main(work: Callable[[], None], status_file: Path, ctx: Context,
 class StopRequest:
     """SIGINT/SIGTERM turned into a request to stop after the current step (while in the
     `with` block). The training loop passes `signal_number` through `any_rank` at every
-    step, so a signal that reaches any rank stops every rank at the same step. A second
-    SIGINT stops at once (the last checkpoint stands)."""
+    step, so a signal that reaches any rank stops every rank at the same step.
+
+    The same request often arrives twice within milliseconds: Ctrl-C reaches every process of
+    the terminal's group and torchrun passes it on to its workers again; a scheduler's SIGTERM
+    reaches the workers and torchrun, which passes it on too. Aborting on that echo would lose
+    the checkpoint, so only a SIGINT that comes `ABORT_AFTER` seconds or more after the first
+    signal — a person pressing Ctrl-C again — stops at once (the last checkpoint stands)."""
+
+    ABORT_AFTER = 1.0
 
     def __init__(self, say: Callable[[str], None]) -> None:
         self.signal_number = 0
         self._say = say
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def _request(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
         if self.signal_number:
-            raise KeyboardInterrupt
-        self.signal_number = signum
+            if signum == signal.SIGINT and now - self._first_at >= self.ABORT_AFTER:
+                raise KeyboardInterrupt
+            return
+        self.signal_number, self._first_at = signum, now
         self._say(f"{signal.Signals(signum).name}: finishing the current step, then saving")
 
     def __enter__(self) -> StopRequest:

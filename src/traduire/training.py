@@ -162,6 +162,9 @@ class Trainer:
             done, stopped_by = distributed.any_rank([int(self._done()),
                                                      self.stop_request.signal_number])
             step, stop = self.state.step, bool(done or stopped_by)
+            if stopped_by and not self.stop_request.signal_number:
+                self.monitor.info(f"{signal.Signals(stopped_by).name} reached another rank: "
+                                  f"stopping after step {step}, then saving")
             if step % self.read_every == 0 or stop:
                 self._read_bad_steps()
             if step % self.cfg.log_every == 0 or stop:
