@@ -15,6 +15,7 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from traduire import distributed
 from traduire.batch import (
     Batch,
     EncodedCorpus,
+    PlannedStep,
     Prefetcher,
     training_steps,
 )
@@ -134,18 +136,24 @@ class Trainer:
             + f", {self.precision}"
             + (f", resuming at step {self.state.step}" if self.state.step else ""))
         tok = self.tokenizer
-        steps = Prefetcher(training_steps(
+        steps: Iterator[PlannedStep] = training_steps(
             self.train_data, self.cfg.batch_tokens, self.cfg.seed, self.state.epoch,
             self.state.batch_in_epoch, self.dist.rank, self.dist.world_size, self.cfg.accumulate,
-            pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id), pin=self.device.type == "cuda")
-        with self.stop_request, self.monitor, steps:
+            pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id)
+        if self.device.type == "cuda":
+            # The next batches are gathered, padded and pinned while the GPU works, so that
+            # the copy to the device is asynchronous. Not on a CPU: its cores all compute the
+            # step, and a thread building batches beside them took more of the step (in CPU
+            # time and hand-overs of Python's interpreter lock) than building them in turn.
+            steps = Prefetcher(steps, pin=True)
+        with self.stop_request, self.monitor, contextlib.closing(steps):
             stopped_by = self._loop(iter(steps))
         if stopped_by:
             raise TrainingInterrupted(signal.Signals(stopped_by).name, self.state.step,
                                       self._latest_checkpoint())
         return self.state
 
-    def _loop(self, steps) -> int:
+    def _loop(self, steps: Iterator[PlannedStep]) -> int:
         """Train step after step; returns the signal that stopped the run (0: none)."""
         window, start = Window(), time.monotonic() - self.state.elapsed
         self.monitor.start(self.cfg.max_steps or None, self.state.step)
