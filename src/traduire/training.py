@@ -6,7 +6,8 @@ every global batch, and the loss is normalised by the global batch's target toke
 update does not depend on how many ranks share the work. Each rank draws its own dropout
 masks (rank 0 continues the stream of train.seed; rank r has a stream seeded by (seed, r)),
 and every rank's random state is saved, so a run resumed at the same world size continues
-exactly the run it interrupted.
+exactly the run it interrupted. Every rank sees each step's global loss, so all skip the same
+non-finite steps, and the ranks agree after every step on whether to stop.
 """
 
 from __future__ import annotations
