@@ -13,11 +13,16 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from traduire.batch import EncodedCorpus
+from traduire.config import load_config
 from traduire.model import Transformer, TransformerShape
+from traduire.training import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
@@ -138,39 +143,37 @@ def test_beam_search_on_cuda_matches_cpu():
         [h.tokens for h in greedy(model.cpu(), src, **special)]
 
 
-# --- one fp16 training step through the Trainer ----------------------------------------------
+# --- training steps through the Trainer -----------------------------------------------------
+
+
+def random_corpus(n: int, vocab: int, rng: np.random.Generator) -> EncodedCorpus:
+    src = [rng.integers(4, vocab, rng.integers(3, 20)).tolist() for _ in range(n)]
+    tgt = [rng.integers(4, vocab, rng.integers(3, 20)).tolist() for _ in range(n)]
+    return EncodedCorpus(datasets.Dataset.from_dict({
+        "src": [" ".join(map(str, s)) for s in src],
+        "tgt": [" ".join(map(str, t)) for t in tgt],
+        "src_ids": src, "tgt_ids": tgt,
+        "src_len": [len(s) for s in src], "tgt_len": [len(t) for t in tgt]}))
+
+
+def cuda_trainer(run_dir: Path, overrides: list[str]) -> Trainer:
+    """A Trainer on CUDA for a 2-layer model over random token ids, 3 steps unless overridden."""
+    vocab = 200
+    rng = np.random.default_rng(0)
+    config = load_config(None, [
+        "data.dir=unused", "tokenizer.vocab_size=200", "model.layers=2", "model.d_model=64",
+        "model.heads=2", "model.ffn_dim=128", "model.max_positions=64", "train.device=cuda",
+        "train.batch_tokens=1024", "train.max_steps=3", "train.warmup_steps=2",
+        "train.valid_every=3", "train.save_every=3", "train.log_every=1",
+        "train.progress=false", *overrides])
+    tokenizer = SimpleNamespace(src_vocab_size=vocab, tgt_vocab_size=vocab, pad_id=PAD,
+                                bos_id=BOS, eos_id=EOS)
+    return Trainer(config, run_dir, tokenizer, random_corpus(300, vocab, rng),
+                   random_corpus(40, vocab, rng))
 
 
 def test_trainer_fp16_grad_scaler_steps_are_finite(tmp_path: Path):
-    import datasets
-    import numpy as np
-
-    from traduire.batch import EncodedCorpus
-    from traduire.config import load_config
-    from traduire.training import Trainer
-
-    vocab = 200
-    rng = np.random.default_rng(0)
-
-    def corpus(n: int) -> EncodedCorpus:
-        src = [rng.integers(4, vocab, rng.integers(3, 20)).tolist() for _ in range(n)]
-        tgt = [rng.integers(4, vocab, rng.integers(3, 20)).tolist() for _ in range(n)]
-        return EncodedCorpus(datasets.Dataset.from_dict({
-            "src": [" ".join(map(str, s)) for s in src],
-            "tgt": [" ".join(map(str, t)) for t in tgt],
-            "src_ids": src, "tgt_ids": tgt,
-            "src_len": [len(s) for s in src], "tgt_len": [len(t) for t in tgt]}))
-
-    overrides = ["data.dir=unused", "tokenizer.vocab_size=200", "model.layers=2",
-                 "model.d_model=64", "model.heads=2", "model.ffn_dim=128",
-                 "model.max_positions=64", "train.precision=fp16", "train.device=cuda",
-                 "train.batch_tokens=1024", "train.max_steps=3", "train.warmup_steps=2",
-                 "train.valid_every=3", "train.save_every=3", "train.log_every=1",
-                 "train.progress=false"]
-    config = load_config(None, overrides)
-    tokenizer = SimpleNamespace(src_vocab_size=vocab, tgt_vocab_size=vocab, pad_id=PAD,
-                                bos_id=BOS, eos_id=EOS)
-    trainer = Trainer(config, tmp_path, tokenizer, corpus(300), corpus(40))
+    trainer = cuda_trainer(tmp_path, ["train.precision=fp16"])
     assert trainer.device.type == "cuda" and trainer.scaler.is_enabled()
     before = [p.detach().clone() for p in trainer.model.parameters()]
     state = trainer.train()
@@ -191,6 +194,40 @@ def test_trainer_fp16_grad_scaler_steps_are_finite(tmp_path: Path):
         f"no step updated the weights (scale {scale})"
     print(f"\nfp16 trainer: losses {[round(r['loss'], 3) for r in train_records]}, "
           f"valid {valid[-1]['valid_loss']}, final scale {scale}")
+
+
+def test_bf16_steps_never_wait_for_the_gpu_and_skip_a_non_finite_step(tmp_path: Path,
+                                                                       monkeypatch):
+    """A training step queues its work without a host-device synchronisation (CUDA's sync
+    debug mode makes one an error): the batch comes from pinned memory, the loss and the
+    skipped-step count stay on the device until a log line, and a non-finite step is skipped
+    by the fused optimizer on the device. Clipping is on, so the gradient norm is taken every
+    step."""
+    trainer = cuda_trainer(tmp_path, ["train.precision=bf16", "train.clip_norm=1.0",
+                                      "train.max_steps=8", "train.log_every=4",
+                                      "train.valid_every=8", "train.save_every=8"])
+    assert trainer.read_every == 4
+    real_loss, real_step = Trainer._loss, Trainer._train_step
+
+    def nan_at_step_3(self, batch, label_smoothing):
+        value = real_loss(self, batch, label_smoothing)
+        return value * float("nan") if self.state.step + 1 == 3 else value
+
+    def step_without_waiting(self, *args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real_step(self, *args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(Trainer, "_loss", nan_at_step_3)
+    monkeypatch.setattr(Trainer, "_train_step", step_without_waiting)
+    state = trainer.train()
+    assert state.step == 8 and state.skipped_steps == 1 and state.bad_steps_in_a_row == 0
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [4, 8]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
 
 
 # --- fused attention kernels (last: a faulting kernel would poison the CUDA context) ---------

@@ -1,10 +1,18 @@
 """Data parallelism on CPU with gloo: the same result whatever the number of ranks, resumable
-at another world size, and a failing rank ends the whole job quickly."""
+at another world size, and a failing rank ends the whole job quickly; with dropout on, a run
+stopped (by a signal to one rank) and resumed at the same world size is the run that never
+stopped, on one machine or across two launchers as on two machines."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -14,23 +22,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_settings, write_config
+from conftest import tiny_settings, write_config, write_corpus
 from traduire.checkpoint import load_checkpoint, step_checkpoints
 from traduire.config import load_config
+from traduire.monitor import read_metrics
 from traduire.pipeline import run
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed unavailable")
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRADUIRE_DIST_TIMEOUT": "60"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
 def torchrun(nproc: int, args: list[str], timeout: float = 240, script: Path | None = None
              ) -> subprocess.CompletedProcess:
     """Run `traduire` (or a script) under torchrun with `nproc` CPU ranks."""
     target = [str(script)] if script else ["-m", "traduire"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRADUIRE_DIST_TIMEOUT": "60"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", *target, *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    command = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *target, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
 def deterministic_config(tmp_path: Path, corpus_dir: Path, **train) -> Path:
@@ -120,3 +131,245 @@ def test_an_error_on_one_rank_ends_the_whole_job_quickly(tmp_path, corpus_dir):
     # Start-up (two interpreters importing torch) takes most of this; a hang would take the
     # whole distributed timeout.
     assert elapsed < 50, f"job took {elapsed:.0f}s to end"
+
+
+# --- Exact resume with dropout: a signal to one rank, two launchers, another world size ------
+
+# The toy corpus makes 4 batches of 1024 tokens an epoch: the second half crosses into epoch 1.
+STEPS, HALF, BATCH_TOKENS = 6, 3, 1024
+NAN_RANK, NAN_STEP = 1, 2  # the rank and step whose loss is made NaN in every dropout run
+PEAK = 1e12  # a made-up peak FLOP/s per CPU device, so that records carry an MFU
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# `traduire` as the command line runs it (after a line setting PEAK, NAN_RANK and NAN_STEP),
+# with PEAK as each device's peak, rank NAN_RANK's loss of step NAN_STEP made NaN (as a rare
+# bad batch would), and, when WAIT_FOR_SIGNAL=RANK:STEP:FILE is set, that rank writing its pid
+# to FILE before STEP and waiting there until a signal reaches it (the others wait for it in
+# the step's all-reduce).
+RANK_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from traduire import cli, training
+
+training.peak_flops = lambda device: PEAK
+original_loss = training.Trainer._loss
+
+def loss(self, *args):
+    value = original_loss(self, *args)
+    bad = self.dist.rank == NAN_RANK and self.state.step + 1 == NAN_STEP
+    return value * float("nan") if bad else value
+
+training.Trainer._loss = loss
+if "WAIT_FOR_SIGNAL" in os.environ:
+    rank, step, ready = os.environ["WAIT_FOR_SIGNAL"].split(":", 2)
+    original = training.Trainer._train_step
+
+    def waiting_step(self, *args):
+        if self.dist.rank == int(rank) and self.state.step + 1 == int(step):
+            Path(ready).write_text(str(os.getpid()))
+            while not self.stop_request.signal_number:
+                time.sleep(0.01)
+        return original(self, *args)
+
+    training.Trainer._train_step = waiting_step
+sys.argv = ["traduire", *sys.argv[1:]]
+cli.main()
+"""
+
+
+class DropoutRuns:
+    """A config with dropout 0.1 (STEPS steps, a log line per step, no periodic checkpoint),
+    the script that runs its ranks (one loss is NaN in every run: see RANK_SCRIPT), and the
+    straight two-rank run every interrupted run must end equal to."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        settings = tiny_settings(write_corpus(root / "data"), model={"dropout": 0.1},
+                                 train={"batch_tokens": BATCH_TOKENS, "threads": 1,
+                                        "max_steps": STEPS, "save_every": 100,
+                                        "valid_every": 100, "log_every": 1})
+        self.config = write_config(root / "dropout.yaml", settings)
+        self.script = root / "rank.py"
+        self.script.write_text(f"PEAK, NAN_RANK, NAN_STEP = {PEAK!r}, {NAN_RANK}, {NAN_STEP}\n"
+                               + RANK_SCRIPT)
+        self.straight = root / "straight"
+
+    def train_args(self, run_dir: Path, *overrides: str) -> list[str]:
+        return ["train", "-c", str(self.config), "-r", str(run_dir),
+                *(arg for o in overrides for arg in ("--set", o))]
+
+
+@pytest.fixture(scope="module")
+def dropout_runs(tmp_path_factory) -> DropoutRuns:
+    runs = DropoutRuns(tmp_path_factory.mktemp("dropout"))
+    result = torchrun(2, runs.train_args(runs.straight), script=runs.script)
+    assert result.returncode == 0, result.stderr[-2000:]
+    state = load_checkpoint(step_checkpoints(runs.straight / "checkpoints")[-1])["train_state"]
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 2)
+    return runs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Bitwise the same weights at the end, and the same batch and loss at every step."""
+    got, want = final_weights(run_dir), final_weights(reference)
+    assert got.keys() == want.keys()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+    got_steps, want_steps = train_records(run_dir), train_records(reference)
+    assert sorted(got_steps) == sorted(want_steps) == list(range(1, STEPS + 1))
+    for step, want_step in want_steps.items():
+        for key in ("loss", "src_tokens", "tgt_tokens"):
+            assert got_steps[step][key] == want_step[key], (step, key)
+
+
+def readme_launcher_flags() -> list[str]:
+    """The torchrun flags of the README's command for two machines."""
+    found = re.search(r"^torchrun --nnodes=2(?:[^\n]*\\\n)*[^\n]*", README.read_text("utf-8"),
+                      re.M)
+    assert found, "README: no two-machine torchrun command"
+    words = shlex.split(found.group(0).replace("\\\n", " "))
+    return words[1:words.index("-m")]
+
+
+def flat(text: str) -> str:
+    """Console output with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+class Preempted:
+    """The dropout run as two machines would train it (two torchrun launchers of one process
+    each, with the README's command, the host made 127.0.0.1 and one process a node), stopped
+    by SIGTERM to the process of rank 1 while the other waits for it in step HALF. Tests copy
+    `run_dir` before resuming it."""
+
+    def __init__(self, runs: DropoutRuns) -> None:
+        self.run_dir, ready = runs.root / "two-launchers", runs.root / "rank1-ready"
+        flags = [flag.replace("HOST0:29500", f"127.0.0.1:{free_port()}")
+                 .replace("--nproc_per_node=8", "--nproc_per_node=1")
+                 for flag in readme_launcher_flags()]
+        assert flags[:2] == ["--nnodes=2", "--nproc_per_node=1"] and "--standalone" not in flags
+        command = [*TORCHRUN, *flags, str(runs.script), *runs.train_args(self.run_dir)]
+        self.logs = [runs.root / f"launcher{node}.log" for node in (0, 1)]
+        env = {**ENV, "WAIT_FOR_SIGNAL": f"1:{HALF}:{ready}"}
+        launchers = [subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                      env=env) for log in self.logs]
+        try:
+            deadline = time.monotonic() + 180
+            while not ready.exists():  # rank 1 is about to train step HALF
+                assert time.monotonic() < deadline and all(x.poll() is None for x in launchers), \
+                    self.output()
+                time.sleep(0.05)
+            sent = time.monotonic()
+            os.kill(int(ready.read_text()), signal.SIGTERM)
+            self.codes = [launcher.wait(timeout=60) for launcher in launchers]
+            self.took = time.monotonic() - sent
+        finally:
+            for launcher in launchers:
+                launcher.kill()
+
+    def output(self) -> str:
+        return "\n".join(flat(log.read_text()) for log in self.logs)
+
+    def worker_exit_codes(self) -> dict[int, int]:
+        """Each rank's exit status, from its launcher's report of a failed worker."""
+        found = re.findall(r"rank : (\d+) \(local_rank: 0\) exitcode : (-?\d+)", self.output())
+        return {int(rank): int(code) for rank, code in found}
+
+
+@pytest.fixture(scope="module")
+def preempted(dropout_runs) -> Preempted:
+    return Preempted(dropout_runs)
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_once_with_one_checkpoint(preempted):
+    output = preempted.output()
+    # Every rank exits 143 itself (a rank killed by its launcher would show -15), so each
+    # launcher reports its worker as failed.
+    assert preempted.worker_exit_codes() == {0: 143, 1: 143}, output
+    assert preempted.codes == [1, 1], output
+    # A step, a checkpoint and the interpreters exiting; a hang would last the 60 s timeout.
+    assert preempted.took < 20, f"the ranks took {preempted.took:.1f}s to stop"
+    # No traceback from a worker (each launcher then prints its own, of ChildFailedError).
+    assert all("Traceback" not in log.read_text().split("] failed (exitcode: ")[0]
+               for log in preempted.logs)
+    assert f"SIGTERM reached another rank: stopping after step {HALF}" in output
+    assert f"stopped by SIGTERM at step {HALF}" in output
+    # One checkpoint, of the step both ranks stopped at, with each rank's own random state.
+    checkpoints = step_checkpoints(preempted.run_dir / "checkpoints")
+    assert [p.name for p in checkpoints] == [f"step_{HALF:08d}.pt"]
+    saved = load_checkpoint(checkpoints[0])
+    assert saved["train_state"]["step"] == HALF and saved["world_size"] == 2
+    assert not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
+
+
+def test_the_two_machine_run_resumes_on_one_machine_exactly(dropout_runs, preempted, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(preempted.run_dir, run_dir)
+    result = torchrun(2, dropout_runs.train_args(run_dir), script=dropout_runs.script)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming at step {HALF}" in result.stderr
+    assert_same_run(run_dir, dropout_runs.straight)
+
+
+def test_a_loss_that_is_not_finite_on_one_rank_is_skipped_by_every_rank(dropout_runs):
+    # Its gradients reach every rank through the all-reduce: a rank that took the step while
+    # the other skipped it would be left with NaN weights, and then both would.
+    records = train_records(dropout_runs.straight)
+    assert [r["skipped_steps"] for _, r in sorted(records.items())] == \
+        [int(step >= NAN_STEP) for step in range(1, STEPS + 1)]
+    assert all(math.isfinite(r["loss"]) for step, r in records.items() if step != NAN_STEP)
+    assert all(torch.isfinite(w).all() for w in final_weights(dropout_runs.straight).values())
+
+
+def test_resume_at_another_world_size_repeats_the_batches_not_the_dropout(
+        dropout_runs, preempted, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(preempted.run_dir, run_dir)
+    monkeypatch.setattr("traduire.training.peak_flops", lambda device: PEAK)
+    state = run(load_config(dropout_runs.config), run_dir)  # one process
+    straight = load_checkpoint(step_checkpoints(dropout_runs.straight / "checkpoints")[-1])
+    assert state.step == STEPS
+    assert (state.epoch, state.batch_in_epoch) == (straight["train_state"]["epoch"],
+                                                   straight["train_state"]["batch_in_epoch"])
+    got, want = train_records(run_dir), train_records(dropout_runs.straight)
+    resumed = range(HALF + 1, STEPS + 1)
+    # The same batches in the same order ...
+    for step in resumed:
+        assert (got[step]["src_tokens"], got[step]["tgt_tokens"]) == \
+            (want[step]["src_tokens"], want[step]["tgt_tokens"]), step
+    # ... but other dropout masks: one process draws them all from rank 0's stream.
+    assert got[HALF + 1]["loss"] != want[HALF + 1]["loss"]
+    weights = final_weights(run_dir)
+    assert any(not torch.equal(weights[k], v) for k, v in straight["model"].items())
+    # MFU over the peak of every device: for the same batches (the same FLOPs per token), two
+    # devices at a given throughput report half the MFU of one.
+    for step in resumed:
+        one = got[step]["mfu"] / got[step]["tok_per_s"]
+        two = want[step]["mfu"] / want[step]["tok_per_s"]
+        assert one == pytest.approx(2 * two, rel=1e-9), step
+
+
+def test_a_signal_repeated_at_once_is_one_request_and_a_later_ctrl_c_aborts():
+    from traduire.distributed import StopRequest
+
+    said: list[str] = []
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest(said.append) as request:
+        signal.raise_signal(signal.SIGTERM)
+        # The echo: torchrun passing the signal on, or Ctrl-C reaching every process.
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)
+        assert request.signal_number == signal.SIGTERM and len(said) == 1
+        request._first_at -= request.ABORT_AFTER  # a person pressing Ctrl-C again, later
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -8,7 +8,8 @@ form it replaces, alternately (medians of --repeats), at the Multi30k model's sh
   attention, training    explicit (two matrix products and a softmax) vs torch's fused
                          scaled_dot_product_attention, forward and backward, 290 sentences
                          of 20 tokens, 4 heads of 64 (self-attention, padded; causal)
-  attention, decoding    one query per row against 20 cached keys, 320 rows (64 x beam 5)
+  attention, decoding    a step of 64 sentences x beam 5: self-attention (one query per row,
+                         20 cached keys) and cross-attention (5 queries per sentence)
   dropout                kernels.dropout vs torch's, forward and backward, 4096 x 1024
   top-k                  kernels.top_per_row vs topk, k = 10 of 8,000, 320 rows
 
@@ -83,10 +84,14 @@ def attention_training(dtype: torch.dtype, causal: bool):
     return explicit, fused
 
 
-def attention_decoding(dtype: torch.dtype):
+def attention_decoding(dtype: torch.dtype, cross: bool):
+    """A decoding step of 64 sentences x beam 5: self-attention, one query per row against
+    its 20 cached keys; cross-attention, a sentence's 5 queries together against its 20
+    source positions (the model's grouped form)."""
     gen = torch.Generator().manual_seed(1)
-    q = torch.randn(320, 4, 1, 64, generator=gen, dtype=dtype)
-    k, v = (torch.randn(320, 4, 20, 64, generator=gen, dtype=dtype) for _ in range(2))
+    rows, queries = (64, 5) if cross else (320, 1)
+    q = torch.randn(rows, 4, queries, 64, generator=gen, dtype=dtype)
+    k, v = (torch.randn(rows, 4, 20, 64, generator=gen, dtype=dtype) for _ in range(2))
 
     @torch.inference_mode()
     def explicit():
@@ -131,8 +136,9 @@ def main() -> None:
         for causal in (False, True):
             rows.append(compare(f"attention training {name}{' causal' if causal else ''}",
                                 *attention_training(dtype, causal), args.repeats))
-        rows.append(compare(f"attention decoding {name}", *attention_decoding(dtype),
-                            args.repeats))
+        for cross in (False, True):
+            rows.append(compare(f"attention decoding {name} {'cross' if cross else 'self'}",
+                                *attention_decoding(dtype, cross), args.repeats))
         rows.append(compare(f"dropout {name}", *dropouts(dtype), args.repeats))
     rows.append(compare("top-k of 8,000", *top_k(), args.repeats))
     result = {"benchmark": "kernels_check", "features": cpu_features(), "rows": rows,

@@ -263,8 +263,9 @@ def training_steps(data: EncodedCorpus, batch_tokens: int, seed: int, epoch: int
 
 class Prefetcher:
     """Runs an iterator of training steps in a background thread, `depth` steps ahead, so that
-    gathering rows from Arrow, padding and (for a GPU) pinning the next batch happen while the
-    current step computes. Yields exactly what the iterator yields, in the same order."""
+    gathering rows from Arrow, padding and pinning the next batch happen while the GPU computes
+    the current step (the trainer uses it on GPUs only). Yields exactly what the iterator
+    yields, in the same order."""
 
     _END = object()
 

@@ -3,9 +3,11 @@
 A process started by torchrun finds RANK, WORLD_SIZE and LOCAL_RANK in its environment; without
 them traduire runs as a single process and every helper here is a no-op.
 
-Two kinds of messages pass between ranks: gradients (DDP, on the training device: NCCL on
-GPUs, gloo on CPU) and small decisions — stop now, a number to log. Decisions travel over a
-gloo group on the CPU, so that agreeing on them never makes the host wait for the GPU.
+Two kinds of messages pass between ranks. Numbers the step computes — gradients (DDP) and
+the step's loss — are summed on the training device (NCCL on GPUs, gloo on CPU), queued like
+the step's other work, so the host never waits for them. Decisions — stop now, what to
+restore — travel over a gloo group on the CPU, so agreeing on them never makes the host wait
+for the GPU either.
 """
 
 from __future__ import annotations
@@ -80,6 +82,14 @@ def _active() -> bool:
 def barrier() -> None:
     if _active():
         dist.barrier(group=_control_group)
+
+
+def sum_on_device(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over the ranks of a tensor on the training device, in place. With NCCL the sum
+    is queued on the GPU's stream like a kernel: the host goes on without waiting for it."""
+    if _active():
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def any_rank(values: list[int]) -> list[int]:
@@ -204,18 +214,29 @@ class _TerminateRaises:
 class StopRequest:
     """SIGINT/SIGTERM turned into a request to stop after the current step (while in the
     `with` block). The training loop passes `signal_number` through `any_rank` at every
-    step, so a signal that reaches any rank stops every rank at the same step. A second
-    SIGINT stops at once (the last checkpoint stands)."""
+    step, so a signal that reaches any rank stops every rank at the same step.
+
+    The same request often arrives twice within milliseconds: Ctrl-C reaches every process of
+    the terminal's group and torchrun passes it on to its workers again; a scheduler's SIGTERM
+    reaches the workers and torchrun, which passes it on too. Aborting on that echo would lose
+    the checkpoint, so only a SIGINT that comes `ABORT_AFTER` seconds or more after the first
+    signal — a person pressing Ctrl-C again — stops at once (the last checkpoint stands)."""
+
+    ABORT_AFTER = 1.0
 
     def __init__(self, say: Callable[[str], None]) -> None:
         self.signal_number = 0
         self._say = say
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def _request(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
         if self.signal_number:
-            raise KeyboardInterrupt
-        self.signal_number = signum
+            if signum == signal.SIGINT and now - self._first_at >= self.ABORT_AFTER:
+                raise KeyboardInterrupt
+            return
+        self.signal_number, self._first_at = signum, now
         self._say(f"{signal.Signals(signum).name}: finishing the current step, then saving")
 
     def __enter__(self) -> StopRequest:

@@ -36,28 +36,39 @@ class ModelFlops:
     EOS included; padding is not the model's work and is not counted).
 
     Weights: 6 FLOPs per weight per token through it (2 forward, 4 backward; Kaplan et al.
-    2020): encoder weights see the source tokens, decoder weights and the output projection
-    the target tokens; embedding lookups are free. Attention: q k^T and the weighted sum of v
-    are 2 * q_len * k_len * d_model FLOPs each forward, so 12 * d_model * q_len * k_len per
-    layer for training, for every sentence: the encoder's self-attention (src x src), the
-    decoder's self-attention (tgt x tgt, the full square, as computed) and its
+    2020). Encoder weights, and the keys-and-values projection of each decoder layer's
+    cross-attention (it projects the encoder output), see the source tokens; the other decoder
+    weights and the output projection see the target tokens. Embedding lookups are free;
+    biases and layer norms count like weights (a rounding error).
+
+    Attention: q k^T and the weighted sum of v are 2 * q_len * k_len * d_model FLOPs each
+    forward, so 12 * d_model * q_len * k_len per layer for training, for every sentence: the
+    encoder's self-attention (src x src), the decoder's self-attention (tgt x tgt, the full
+    square, as explicit attention computes it; a fused causal kernel on a GPU skips about half
+    of it, some 0.2% of the total for Transformer-base at 30 tokens a sentence) and its
     cross-attention (tgt x src).
+
+    For a batch of sentences with source lengths s_i and target lengths t_i:
+      6 * (N_enc + N_kv) * sum(s_i) + 6 * (N_dec - N_kv + N_out) * sum(t_i)
+      + 12 * d_model * (L_enc * sum(s_i^2) + L_dec * sum(t_i^2 + t_i * s_i))
     """
 
     def __init__(self, model: Transformer) -> None:
         shape = model.shape
         embeddings = {id(model.encoder.embedding.weight), id(model.decoder.embedding.weight)}
-        self.encoder = sum(p.numel() for p in model.encoder.parameters()
-                           if id(p) not in embeddings)
-        self.decoder = sum(p.numel() for p in model.decoder.parameters()
-                           if id(p) not in embeddings)
-        self.output = model.decoder.embedding.weight.numel()
+        cross_kv = [p for layer in model.decoder.layers
+                    for p in layer.cross_attn.kv_proj.parameters()]
+        self.source_side = sum(p.numel() for p in model.encoder.parameters()
+                               if id(p) not in embeddings) + sum(p.numel() for p in cross_kv)
+        self.target_side = sum(p.numel() for p in model.decoder.parameters()
+                               if id(p) not in embeddings) - sum(p.numel() for p in cross_kv)
+        self.target_side += model.decoder.embedding.weight.numel()  # the output projection
         self.layers = (shape.encoder_layers, shape.decoder_layers)
         self.d_model = shape.d_model
 
     def __call__(self, src_lengths: np.ndarray, tgt_lengths: np.ndarray) -> float:
         src, tgt = np.asarray(src_lengths, np.float64), np.asarray(tgt_lengths, np.float64)
-        weights = 6 * (self.encoder * src.sum() + (self.decoder + self.output) * tgt.sum())
+        weights = 6 * (self.source_side * src.sum() + self.target_side * tgt.sum())
         pairs = (self.layers[0] * (src * src).sum()
                  + self.layers[1] * ((tgt * tgt).sum() + (tgt * src).sum()))
         return float(weights + 12 * self.d_model * pairs)
@@ -169,8 +180,9 @@ class Monitor:
 
 
 class Window:
-    """Sums over the steps between two log lines. Losses stay tensors on the training device
-    until `read`, so that no step waits for the GPU."""
+    """Sums over the steps between two log lines, of global figures (every rank's share of
+    each step together). Losses stay tensors on the training device until `read`, so that no
+    step waits for the GPU."""
 
     def __init__(self) -> None:
         self.loss: torch.Tensor | None = None  # summed loss of the steps with a finite one
@@ -180,6 +192,7 @@ class Window:
         self.started = time.monotonic()
 
     def add(self, loss: torch.Tensor, src_tokens: int, tgt_tokens: int, flops: float) -> None:
+        """A step: its summed loss, its source and target tokens and its model FLOPs."""
         finite = torch.isfinite(loss)
         kept, counted = torch.where(finite, loss, 0.0), finite * float(tgt_tokens)
         self.loss = kept if self.loss is None else self.loss + kept
@@ -197,10 +210,11 @@ class Window:
 
     def summary(self, loss_sum: float, counted: float, peak: float | None, devices: int
                 ) -> dict[str, Any]:
-        """Mean loss per target token, throughput, and MFU: the model's FLOPs per second over
-        the peak of all `devices` together."""
+        """Mean loss per target token, tokens and throughput, and MFU: the model's FLOPs per
+        second over the peak of all `devices` together (`peak` is one device's)."""
         seconds = max(time.monotonic() - self.started, 1e-9)
         return {"loss": loss_sum / max(counted, 1),
+                "src_tokens": int(self.src), "tgt_tokens": int(self.tgt),
                 "tok_per_s": (self.src + self.tgt) / seconds,
                 "tgt_tok_per_s": self.tgt / seconds,
                 "mfu": self.flops / seconds / (peak * devices) if peak else None}

@@ -6,7 +6,8 @@ every global batch, and the loss is normalised by the global batch's target toke
 update does not depend on how many ranks share the work. Each rank draws its own dropout
 masks (rank 0 continues the stream of train.seed; rank r has a stream seeded by (seed, r)),
 and every rank's random state is saved, so a run resumed at the same world size continues
-exactly the run it interrupted.
+exactly the run it interrupted. Every rank sees each step's global loss, so all skip the same
+non-finite steps, and the ranks agree after every step on whether to stop.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from traduire import distributed
 from traduire.batch import (
     Batch,
     EncodedCorpus,
+    PlannedStep,
     Prefetcher,
     training_steps,
 )
@@ -135,11 +138,17 @@ class Trainer:
             + f", {self.precision}"
             + (f", resuming at step {self.state.step}" if self.state.step else ""))
         tok = self.tokenizer
-        steps = Prefetcher(training_steps(
+        steps: Iterator[PlannedStep] = training_steps(
             self.train_data, self.cfg.batch_tokens, self.cfg.seed, self.state.epoch,
             self.state.batch_in_epoch, self.dist.rank, self.dist.world_size, self.cfg.accumulate,
-            pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id), pin=self.device.type == "cuda")
-        with self.stop_request, self.monitor, steps:
+            pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id)
+        if self.device.type == "cuda":
+            # The next batches are gathered, padded and pinned while the GPU works, so that
+            # the copy to the device is asynchronous. Not on a CPU: its cores all compute the
+            # step, and a thread building batches beside them took more of the step (in CPU
+            # time and hand-overs of Python's interpreter lock) than building them in turn.
+            steps = Prefetcher(steps, pin=True)
+        with self.stop_request, self.monitor, contextlib.closing(steps):
             stopped_by = self._loop(iter(steps))
         if stopped_by:
             raise TrainingInterrupted(signal.Signals(stopped_by).name, self.state.step,
@@ -151,13 +160,13 @@ class Trainer:
                               f"({averaged[0].name} .. {averaged[-1].name})")
         return self.state
 
-    def _loop(self, steps) -> int:
+    def _loop(self, steps: Iterator[PlannedStep]) -> int:
         """Train step after step; returns the signal that stopped the run (0: none)."""
         window, start = Window(), time.monotonic() - self.state.elapsed
         self.monitor.start(self.cfg.max_steps or None, self.state.step)
         while True:
             planned = next(steps)
-            loss = self._train_step(planned.parts, planned.tgt_lengths.sum())
+            loss = self._train_step(planned.parts, int(planned.tgt_lengths.sum()))
             self.state.batch_in_epoch = planned.index + 1
             if self.state.batch_in_epoch == planned.epoch_batches:
                 self.state.epoch, self.state.batch_in_epoch = planned.epoch + 1, 0
@@ -168,6 +177,9 @@ class Trainer:
             done, stopped_by = distributed.any_rank([int(self._done()),
                                                      self.stop_request.signal_number])
             step, stop = self.state.step, bool(done or stopped_by)
+            if stopped_by and not self.stop_request.signal_number:
+                self.monitor.info(f"{signal.Signals(stopped_by).name} reached another rank: "
+                                  f"stopping after step {step}, then saving")
             if step % self.read_every == 0 or stop:
                 self._read_bad_steps()
             if step % self.cfg.log_every == 0 or stop:
@@ -181,8 +193,9 @@ class Trainer:
                 return stopped_by
 
     def _train_step(self, parts: list[tuple[Batch, float]], total_tgt: int) -> torch.Tensor:
-        """One optimizer step on this rank's share of a global batch; returns this rank's
-        summed loss as a tensor on the device (not read here: reading waits for the GPU)."""
+        """One optimizer step on this rank's share of a global batch; returns the global
+        batch's summed loss as a tensor on the device (not read here: reading waits for the
+        GPU)."""
         self.net.train()
         loss_sum = torch.zeros((), device=self.device)
         for i, (batch, weight) in enumerate(parts):
@@ -195,6 +208,9 @@ class Trainer:
                 # depend on how the batch is split between ranks and passes.
                 self.scaler.scale(loss * weight * self.dist.world_size / total_tgt).backward()
             loss_sum = loss_sum + loss.detach() * weight
+        # Summed over the ranks, so that every rank sees the same loss and skips the same
+        # steps: a rank that updated while another skipped would leave the replicas different.
+        distributed.sum_on_device(loss_sum)
         self._optimizer_step(loss_sum)
         return loss_sum
 
@@ -232,8 +248,9 @@ class Trainer:
         self.bad_in_a_row = (self.bad_in_a_row + 1) * bad
 
     def _read_bad_steps(self) -> None:
-        skipped, in_a_row = distributed.any_rank([int(self.skipped.item()),
-                                                  int(self.bad_in_a_row.item())])
+        """Read the skipped-step counts from the device (the same on every rank: they count
+        steps whose global loss was not finite)."""
+        skipped, in_a_row = int(self.skipped.item()), int(self.bad_in_a_row.item())
         self.state.skipped_steps, self.state.bad_steps_in_a_row = skipped, in_a_row
         if in_a_row >= self.cfg.max_bad_steps:
             raise TraduireError(
@@ -252,12 +269,15 @@ class Trainer:
     # --- logging and validation ----------------------------------------------------------------
 
     def _log(self, window: Window) -> None:
-        loss_sum, counted = distributed.all_reduce_sum(window.read())
+        """Write a log line: rank 0 only (the window holds global figures on every rank)."""
+        if not self.dist.is_main:
+            return
+        loss_sum, counted = window.read()
         record = {"step": self.state.step,
                   "epoch": self.state.epoch + (self.state.batch_in_epoch > 0),
                   "lr": learning_rate(self.state.step, self.cfg),
-                  **window.summary(loss_sum, counted / self.dist.world_size,
-                                   peak_flops(self.device), self.dist.world_size),
+                  **window.summary(loss_sum, counted, peak_flops(self.device),
+                                   self.dist.world_size),
                   "grad_norm": (round(float(self.grad_norm.item()), 4)
                                 if self.grad_norm is not None else None),
                   "elapsed": round(self.state.elapsed, 1),
