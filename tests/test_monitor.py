@@ -68,3 +68,49 @@ def test_mfu_divides_by_the_peak_of_every_device():
 
 def test_no_mfu_without_a_known_peak():
     assert window_of(1e9, 1.0).summary(10.0, 200, peak=None, devices=2)["mfu"] is None
+
+
+def test_a_window_of_skipped_steps_has_no_loss_rather_than_zero():
+    window = Window()
+    window.add(torch.tensor(float("nan")), 10, 12, 1.0)
+    window.add(torch.tensor(float("inf")), 10, 12, 1.0)
+    loss_sum, counted = window.read()
+    assert (loss_sum, counted) == (0.0, 0.0)
+    assert window.summary(loss_sum, counted, None, 1)["loss"] is None
+    window.add(torch.tensor(6.0), 10, 12, 1.0)
+    assert window.summary(*window.read(), None, 1)["loss"] == pytest.approx(0.5)
+
+
+# --- metrics.jsonl -----------------------------------------------------------------------------
+
+
+def test_a_last_line_cut_short_by_a_crash_is_skipped_when_read_back(tmp_path):
+    from traduire.errors import TraduireError
+    from traduire.monitor import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.4}\n{"step": 3, "lo')
+    assert read_metrics(path) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.4}]
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')  # torn, then more lines
+    with pytest.raises(TraduireError, match=r"metrics.jsonl:2: not a JSON record"):
+        read_metrics(path)
+
+
+def test_training_fsyncs_the_metrics_at_every_validation_and_checkpoint(tmp_path,
+                                                                      tiny_config_path,
+                                                                      monkeypatch):
+    from traduire.config import load_config
+    from traduire.files import AppendLog
+    from traduire.pipeline import run
+
+    synced: list[int] = []
+    real_sync = AppendLog.sync
+    monkeypatch.setattr(AppendLog, "sync", lambda self: (
+        synced.append(sum(1 for _ in open(self.path))), real_sync(self)))
+    config = load_config(tiny_config_path, ["train.max_steps=20", "train.valid_every=10",
+                                            "train.save_every=5", "train.log_every=5"])
+    run(config, tmp_path / "run")
+    # Lines in the file at each fsync: every log and validation line is written before the
+    # checkpoint of its step, so each save (steps 5, 10, 15, 20: after 1, 3, 4 and 6 lines)
+    # and each validation (10, 20) finds all of them on disk.
+    assert sorted(set(synced)) == [1, 3, 4, 6] and synced == sorted(synced)

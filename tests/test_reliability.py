@@ -150,7 +150,7 @@ def test_sigint_and_sigterm_save_then_resume(prepared, tmp_path, monkeypatch):
     config["train"]["max_steps"] = 10_000
     config_path = write_config(tmp_path / "long.yaml", config)
     last = 0
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)):
         log = tmp_path / f"{sig.name}.log"
         proc = start_training(config_path, run_dir, log)
         try:

@@ -10,6 +10,7 @@ import functools
 import inspect
 import json
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -164,9 +165,11 @@ def train(run_dir: RunDir, config: ConfigFile = None, set_: Overrides = None,
     try:
         state = pipeline.train(_config(run_dir, config, set_), run_dir, overwrite=overwrite)
     except TrainingInterrupted as stop:
+        again = ("the same torchrun command" if int(os.environ.get("WORLD_SIZE", "1")) > 1
+                 else f"traduire train --run-dir {run_dir}")
         say(f"stopped by {stop.signal_name} at step {stop.step}; checkpoint {stop.checkpoint}. "
-            f"To resume: traduire train --run-dir {run_dir}")
-        raise typer.Exit(130 if stop.signal_name == "SIGINT" else 143) from None
+            f"To resume: {again}")
+        raise typer.Exit(128 + signal.Signals[stop.signal_name]) from None
     finally:
         distributed.shutdown()
     say(f"done: step {state.step}, epoch {state.epoch}, best valid loss "

@@ -212,9 +212,10 @@ class _TerminateRaises:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM turned into a request to stop after the current step (while in the
-    `with` block). The training loop passes `signal_number` through `any_rank` at every
-    step, so a signal that reaches any rank stops every rank at the same step.
+    """SIGINT, SIGTERM or SIGHUP (the terminal closed) turned into a request to stop after the
+    current step (while in the `with` block). The training loop passes `signal_number`
+    through `any_rank` at every step, so a signal that reaches any rank stops every rank at
+    the same step.
 
     The same request often arrives twice within milliseconds: Ctrl-C reaches every process of
     the terminal's group and torchrun passes it on to its workers again; a scheduler's SIGTERM
@@ -242,7 +243,7 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # signals go to it only
             self._previous = {sig: signal.signal(sig, self._request)
-                              for sig in (signal.SIGINT, signal.SIGTERM)}
+                              for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         return self
 
     def __exit__(self, *exc: object) -> None:

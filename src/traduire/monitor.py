@@ -137,8 +137,9 @@ class Monitor:
         if not self.enabled:
             return
         self.progress.console.print(
-            f"step {record['step']:>7} | epoch {record['epoch']:>3} | loss {record['loss']:.3f}"
-            f" | lr {record['lr']:.2e} | {record['tok_per_s']:>8,.0f} tok/s"
+            f"step {record['step']:>7} | epoch {record['epoch']:>3} | loss "
+            + (f"{record['loss']:.3f}" if record["loss"] is not None else "-")
+            + f" | lr {record['lr']:.2e} | {record['tok_per_s']:>8,.0f} tok/s"
             + (f" | MFU {record['mfu']:.1%}" if record.get("mfu") is not None else "")
             + (f" | {record['gpu_mem_gib']:.1f} GiB" if record.get("gpu_mem_gib") else "")
             + f" | {clock(record['elapsed'])}", highlight=False)
@@ -213,7 +214,7 @@ class Window:
         """Mean loss per target token, tokens and throughput, and MFU: the model's FLOPs per
         second over the peak of all `devices` together (`peak` is one device's)."""
         seconds = max(time.monotonic() - self.started, 1e-9)
-        return {"loss": loss_sum / max(counted, 1),
+        return {"loss": loss_sum / counted if counted else None,  # None: every step skipped
                 "src_tokens": int(self.src), "tgt_tokens": int(self.tgt),
                 "tok_per_s": (self.src + self.tgt) / seconds,
                 "tgt_tok_per_s": self.tgt / seconds,

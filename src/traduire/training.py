@@ -348,7 +348,7 @@ class Trainer:
 
 
 class TrainingInterrupted(Exception):
-    """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
+    """Training stopped on SIGINT, SIGTERM or SIGHUP after saving a checkpoint."""
 
     def __init__(self, signal_name: str, step: int, checkpoint: Path | None) -> None:
         super().__init__(f"{signal_name} at step {step}; checkpoint saved to {checkpoint}")
