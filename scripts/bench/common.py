@@ -11,6 +11,17 @@ import torch
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "multi30k-en-fr"
 
 
+def apply_runtime_settings() -> None:
+    """What the traduire command does before anything else (kernels.configure_runtime: the
+    allocator and oneDNN cache settings), so that a benchmark measures the command's speed.
+    Versions before the module split applied them when traduire was imported."""
+    try:
+        from traduire.kernels import configure_runtime
+    except ImportError:
+        return
+    configure_runtime()
+
+
 def machine() -> dict[str, object]:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model()}
 

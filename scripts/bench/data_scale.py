@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, cpu_model, print_table  # noqa: E402
+from common import DEFAULT_DATA, apply_runtime_settings, cpu_model, print_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "multi30k-en-fr.yaml"
@@ -559,6 +559,7 @@ def main() -> None:
                        ("--result-file", str), ("--loadavg", float)):
         parser.add_argument(name, help=argparse.SUPPRESS, type=kind)
     args = parser.parse_args()
+    apply_runtime_settings()
 
     if args.child_n is not None:
         result = measure(args)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, machine, peak_rss_mib, print_table  # noqa: E402
+from common import DEFAULT_DATA, apply_runtime_settings, machine, peak_rss_mib, print_table  # noqa: E402
 
 from traduire.files import read_text_lines as read_text  # noqa: E402
 from traduire.translate import DecodeOptions, Translator  # noqa: E402
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--limit-batch1", type=int, default=200,
                         help="sentences for batch size 1 (slow); 0 = all")
     args = parser.parse_args()
+    apply_runtime_settings()
 
     torch.set_num_threads(args.threads)
     lines = read_text(args.src)

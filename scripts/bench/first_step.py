@@ -23,7 +23,7 @@ from pathlib import Path
 import datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, peak_rss_mib, print_table  # noqa: E402
+from common import apply_runtime_settings, machine, peak_rss_mib, print_table  # noqa: E402
 
 from traduire.batch import EncodedCorpus, token_batches, training_steps  # noqa: E402
 from traduire.config import load_config  # noqa: E402
@@ -38,6 +38,7 @@ def main() -> None:
                         help="a run directory that `traduire prepare` has filled")
     parser.add_argument("--set", action="append", default=[], help="config override")
     args = parser.parse_args()
+    apply_runtime_settings()
     config = load_config(args.run_dir / "config.yaml", ["train.progress=false", *args.set])
     seconds: dict[str, float] = {}
     last = time.perf_counter()

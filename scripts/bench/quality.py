@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, machine, print_table  # noqa: E402
+from common import DEFAULT_DATA, apply_runtime_settings, machine, print_table  # noqa: E402
 
 from traduire.config import load_config  # noqa: E402
 from traduire.evaluate import score  # noqa: E402
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="decoding precision (as traduire translate --precision)")
     args = parser.parse_args()
+    apply_runtime_settings()
 
     overrides = [f"train.max_time={args.budget}", f"data.dir={args.data}", *args.set]
     config = load_config(args.config, overrides)

@@ -19,7 +19,7 @@ import datasets
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, machine, peak_rss_mib  # noqa: E402
+from common import DEFAULT_DATA, apply_runtime_settings, machine, peak_rss_mib  # noqa: E402
 
 from traduire.batch import EncodedCorpus, training_steps  # noqa: E402
 from traduire.config import load_config, replace  # noqa: E402
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--set", action="append", default=[], help="config override")
     args = parser.parse_args()
+    apply_runtime_settings()
 
     config = load_config(args.config, [f"data.dir={DEFAULT_DATA}", *args.set])
     config = replace(config, train={"precision": args.precision, "threads": args.threads,
