@@ -36,13 +36,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
     sees the last key (as in a cached decoding step). Returns the output and, if
     need_weights, the weights.
 
-    Which computation: returning the weights needs the explicit one; so does speed on CPU,
-    where torch 2.13's fused kernels are slower than two matrix products and a softmax at
-    translation lengths: 2x in a one-query decoding step, and for a training forward and
-    backward of 290 sentences of 20 tokens 56 ms fused bf16 / 14 ms fused fp32 against 9 ms
-    explicit bf16 (Xeon with AMX). GPUs get the fused kernels (flash attention and friends).
+    Which computation: returning the weights needs the explicit one. On CPUs (torch 2.13) the
+    explicit one is also faster in bf16, whose fused backward is slow (forward and backward of
+    290 sentences of 20 tokens: 16.7 ms explicit, 93 ms fused), and in the few-query steps of
+    decoding (1.1-1.3x); forward passes alone are even. The fused kernel wins in fp32 training
+    (fp32 forward and backward: 29 ms explicit, 20 ms fused with AMX; 22 and 18 ms with AVX2
+    only). GPUs get the fused kernels (flash attention and friends). Measured with
+    scripts/bench/kernels_check.py: docs/performance.md.
     """
-    explicit = need_weights or q.device.type == "cpu"
+    fp32_training = q.requires_grad and torch.is_grad_enabled() and q.dtype == torch.float32
+    explicit = need_weights or (q.device.type == "cpu" and not fp32_training)
     # The fused kernels know causality themselves (flash attention accepts no mask tensor),
     # so a plain causal square gets is_causal rather than a mask.
     is_causal = causal and mask is None and q.size(2) == k.size(2) and not explicit
