@@ -93,31 +93,39 @@ def test_prepare_gives_the_same_results_for_one_and_two_workers(tmp_path, corpus
     assert prepared_files(tmp_path / "one") == one
 
 
-def test_held_out_bible_text_is_written_as_aligned_files(tmp_path):
+def test_held_out_bible_text_is_written_as_aligned_files_and_scored_whole(tmp_path):
+    """The test split is written as aligned text for `traduire eval`, and only what cannot
+    be translated leaves it: the length and repetition rules chosen for training would make
+    the test easier."""
     import sqlite3
 
     from traduire.pipeline import prepare_data
 
     db = tmp_path / "bible.db"
+    long_verse = " ".join(["word"] * 300)  # over data.max_words (250)
     with sqlite3.connect(db) as con:
         con.execute("CREATE TABLE bible (id INTEGER, bbName TEXT, bNumber INTEGER, "
                     "cNumber INTEGER, vNumber INTEGER, vText TEXT)")
         # Genesis to train on, Acts (44) to validate, John (43) held out as the test split.
         verses = [(book, verse) for book in (1, 44, 43) for verse in range(1, 9)]
-        con.executemany("INSERT INTO bible VALUES (?, ?, ?, ?, ?, ?)", [
-            (0, version, book, 1, verse, f"{word} {book} {verse % 6} ...")
-            for book, verse in verses for version, word in (("4", "verse"), ("l", "verset"))])
+        rows = [(0, version, book, 1, verse, f"{word} {book} {verse % 6} ...")
+                for book, verse in verses for version, word in (("4", "verse"), ("l", "verset"))]
+        rows += [(0, version, book, 2, 1, long_verse) for book in (1, 43) for version in "4l"]
+        con.executemany("INSERT INTO bible VALUES (?, ?, ?, ?, ?, ?)", rows)
     con.close()
     config = config_from_dict({"data": {"source": "bible", "bible_db": str(db)}})
     prepare_data(config, tmp_path / "run")
     data = tmp_path / "run" / "data"
-    # John 1:7 and 1:8 repeat 1:1 and 1:2 (verse % 6): dropped as duplicates.
+    # John 1:7 and 1:8 repeat 1:1 and 1:2 (verse % 6), and 2:1 is too long to train on: in a
+    # training split they would be dropped; the test keeps them.
     assert (data / "test.en").read_text("utf-8").splitlines() == [
-        f"verse 43 {verse} ..." for verse in range(6)[1:]] + ["verse 43 0 ..."]
+        f"verse 43 {verse % 6} ..." for verse in range(1, 9)] + [long_verse]
     assert (data / "test.fr").read_text("utf-8").splitlines() == [
-        f"verset 43 {verse} ..." for verse in range(6)[1:]] + ["verset 43 0 ..."]
+        f"verset 43 {verse % 6} ..." for verse in range(1, 9)] + [long_verse]
     report = json.loads((data / "report.json").read_text())
-    assert report["test"] == {"read": 8, "kept": 6, "dropped": {"duplicate": 2}}
+    assert report["test"] == {"read": 9, "kept": 9, "dropped": {}}
+    assert report["train"] == {"read": 9, "kept": 6,
+                               "dropped": {"duplicate": 2, "too_long": 1}}
 
 
 # --- a prepared run starts training at once ----------------------------------------------------

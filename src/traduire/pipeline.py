@@ -26,9 +26,12 @@ Run directory layout:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -142,7 +145,8 @@ def _clean_and_save(config: Config, run_dir: Path, workers: int) -> None:
     report: dict[str, Any] = {}
     with replace_directory(run_dir / "data") as out:
         for split, pairs in raw.items():
-            kept, dropped = clean(pairs, config.data, workers, desc=f"cleaning {split}")
+            kept, dropped = clean(pairs, _cleaning_rules(config.data, split), workers,
+                                  desc=f"cleaning {split}")
             if split == "valid" and config.data.max_valid:
                 kept = kept.select(range(min(len(kept), config.data.max_valid)))
             if split == "train" and len(kept) == 0:
@@ -157,6 +161,15 @@ def _clean_and_save(config: Config, run_dir: Path, workers: int) -> None:
             console.print(f"  {split}: {len(pairs):,} pairs read, {len(kept):,} kept"
                           + "".join(f", {n:,} {why}" for why, n in sorted(dropped.items())))
         atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+
+
+def _cleaning_rules(cfg: DataConfig, split: str) -> DataConfig:
+    """The rules for one split. A test set is scored as it is: only pairs that cannot be
+    translated or scored (empty, invalid text) leave it; long, unbalanced and repeated pairs
+    stay, or a length limit chosen for training would make the test easier."""
+    if split != "test":
+        return cfg
+    return dataclasses.replace(cfg, max_words=sys.maxsize, max_ratio=math.inf, dedupe=False)
 
 
 def _save(dataset: datasets.Dataset, path: Path) -> None:
