@@ -490,11 +490,30 @@ def test_average_command_writes_the_mean_of_the_last_checkpoints(tmp_path, tiny_
     torch.testing.assert_close(averaged[name], (a[name] + b[name]) / 2)
 
 
-def test_average_last_writes_the_mean_that_translate_then_uses(tmp_path, tiny_config_path):
+def judge_average(monkeypatch, shift: float) -> list[float]:
+    """Make the validation that judges average.pt (the one after the three periodic ones of a
+    30-step run) report its true loss shifted by `shift`; returns the true losses."""
+    import traduire.training as training
+
+    real, losses = training.validate_loss, []
+
+    def shifted(model, *args, **kwargs):
+        loss, ppl = real(model, *args, **kwargs)
+        losses.append(loss)
+        return (loss + shift, ppl) if len(losses) > 3 else (loss, ppl)
+
+    monkeypatch.setattr(training, "validate_loss", shifted)
+    return losses
+
+
+def test_average_last_writes_the_mean_that_translate_then_uses(tmp_path, tiny_config_path,
+                                                               monkeypatch):
     from traduire.translate import default_checkpoint
 
+    losses = judge_average(monkeypatch, -100.0)  # the average validates better
     config = load_config(tiny_config_path, ["train.max_steps=30", "train.average_last=2"])
     run(config, tmp_path / "run")
+    assert len(losses) == 4
     last_two = step_checkpoints(tmp_path / "run" / "checkpoints")[-2:]
     assert [p.name for p in last_two] == ["step_00000020.pt", "step_00000030.pt"]
     averaged = load_checkpoint(tmp_path / "run" / "average.pt")
@@ -502,5 +521,22 @@ def test_average_last_writes_the_mean_that_translate_then_uses(tmp_path, tiny_co
     for name, weight in averaged["model"].items():
         torch.testing.assert_close(weight, (a[name] + b[name]) / 2)
     assert default_checkpoint(tmp_path / "run") == tmp_path / "run" / "average.pt"
+    # The average was judged with its own weights, and training's weights were put back.
+    assert losses[3] != losses[2]
     with pytest.raises(Exception, match="cannot exceed 'train.keep_last'"):
         load_config(tiny_config_path, ["train.average_last=6", "train.keep_last=5"])
+
+
+def test_an_average_that_validates_worse_than_best_pt_is_not_written(tmp_path,
+                                                                      tiny_config_path,
+                                                                      monkeypatch):
+    """average.pt is chosen on the validation set: the mean of checkpoints from early in a run
+    can be worse than best.pt, and then translate keeps using best.pt."""
+    from traduire.translate import default_checkpoint
+
+    losses = judge_average(monkeypatch, +100.0)
+    config = load_config(tiny_config_path, ["train.max_steps=30", "train.average_last=2"])
+    run(config, tmp_path / "run")
+    assert len(losses) == 4  # steps 10, 20, 30 and the average
+    assert not (tmp_path / "run" / "average.pt").exists()
+    assert default_checkpoint(tmp_path / "run") == tmp_path / "run" / "best.pt"

@@ -221,7 +221,11 @@ def average_last(directory: Path, last: int, output: Path) -> list[Path]:
     paths = step_checkpoints(directory)[-last:] if last > 0 else []
     if not paths:
         raise CheckpointError(f"{directory}: no checkpoints to average")
-    state = average_checkpoints(paths)
+    save_average(output, average_checkpoints(paths))
+    return paths
+
+
+def save_average(output: Path, state: dict[str, Any]) -> None:
+    """Write a state from average_checkpoints (it takes the current format version)."""
     state.pop("format_version", None)
     save_checkpoint(output, state)
-    return paths

@@ -34,13 +34,14 @@ from traduire.batch import (
 )
 from traduire.checkpoint import (
     TrainState,
-    average_last,
+    average_checkpoints,
     load_latest,
     prune_checkpoints,
     rank_seed,
     remove_leftovers,
     restore_training,
     rng_state,
+    save_average,
     save_checkpoint,
     step_checkpoints,
     training_checkpoint,
@@ -153,11 +154,8 @@ class Trainer:
         if stopped_by:
             raise TrainingInterrupted(signal.Signals(stopped_by).name, self.state.step,
                                       self._latest_checkpoint())
-        if self.cfg.average_last and self.dist.is_main:
-            averaged = average_last(self.checkpoint_dir, self.cfg.average_last,
-                                    self.run_dir / "average.pt")
-            self.monitor.info(f"average.pt: the mean of {len(averaged)} checkpoints "
-                              f"({averaged[0].name} .. {averaged[-1].name})")
+        if self.cfg.average_last:
+            self._average()
         return self.state
 
     def _loop(self, steps: Iterator[PlannedStep]) -> int:
@@ -314,6 +312,32 @@ class Trainer:
                               "validations")
             return True
         return False
+
+    def _average(self) -> None:
+        """Write average.pt, the mean of the last checkpoints, if it validates better than
+        best.pt (or there is no validation set). The last checkpoints of a short run can span
+        much of its learning, and then their mean is worse than its newest member: the choice
+        is made on the validation set, never assumed. Every rank takes part (validation is
+        shared); the checkpoints are read from the run directory, as on resume."""
+        paths = step_checkpoints(self.checkpoint_dir)[-self.cfg.average_last:]
+        if not paths:
+            return
+        averaged = average_checkpoints(paths)
+        names = f"{len(paths)} checkpoints ({paths[0].name} .. {paths[-1].name})"
+        keep = True
+        if len(self.valid_data):
+            trained = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(averaged["model"])
+            loss, _ = validate_loss(self.model, self.valid_data, self.tokenizer,
+                                    self.cfg.batch_tokens, self.precision, self.device)
+            self.model.load_state_dict(trained)
+            keep = loss < self.state.best_valid_loss
+            self.monitor.info(f"the mean of {names}: valid loss {loss:.3f} against best.pt's "
+                              f"{self.state.best_valid_loss:.3f}"
+                              + ("" if keep else "; average.pt not written, best.pt is used"))
+        if keep and self.dist.is_main:
+            save_average(self.run_dir / "average.pt", averaged)
+            self.monitor.info(f"average.pt: the mean of {names}")
 
     # --- checkpoints ---------------------------------------------------------------------------
 
