@@ -14,7 +14,8 @@ data, SentencePiece settings, model shape, batch and beam:
              CTranslate2 fp32 and int8 on traduire's export (`traduire export`)
   quality    with --budget: traduire (the shipped config) and fairseq (the same schedule)
              trained for the same wall clock, then BLEU/chrF (sacreBLEU defaults) of beam 5
-             on test_2016_flickr and test_2017_flickr
+             on test_2016_flickr and test_2017_flickr (traduire at its automatic precision,
+             and on test_2016 also in fp32 and int8)
 
 Peers: fairseq 0.12.2 as built by ../shared/benchmarks/peers/fairseq/setup.sh (its venv in
 PEERS/fairseq/venv; the data is prepared with its preprocess.sh); CTranslate2 from pip
@@ -102,10 +103,10 @@ class Traduire:
                       str(self.threads), "--src", str(self.data / f"{TESTS[0]}.en")]).stdout
         return {row["batch"]: row["sentences_per_s"] for row in last_json(output)["rows"]}
 
-    def translations(self, run_dir: Path, test: str) -> list[str]:
-        out = self.work / f"{test}.traduire.fr"
+    def translations(self, run_dir: Path, test: str, precision: str = "auto") -> list[str]:
+        out = self.work / f"{test}.traduire-{precision}.fr"
         run([sys.executable, "-m", "traduire", "translate", str(self.data / f"{test}.en"),
-             "-r", str(run_dir), "-o", str(out), "--beam", "5", "-q"])
+             "-r", str(run_dir), "-o", str(out), "--beam", "5", "--precision", precision, "-q"])
         return out.read_text(encoding="utf-8").splitlines()
 
 
@@ -275,6 +276,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for test in TESTS:
             refs = (args.data / f"{test}.fr").read_text(encoding="utf-8").splitlines()
             systems = {"traduire": traduire.translations(run_dir, test)}
+            if test == TESTS[0]:  # int8 must stay within 0.5 BLEU of fp32 here
+                for precision in ("fp32", "int8"):
+                    systems[f"traduire {precision}"] = traduire.translations(run_dir, test,
+                                                                             precision)
             if fairseq_ckpt is not None:
                 subset = "test" if test == TESTS[0] else "test1"
                 systems["fairseq"] = fairseq.decode(fairseq_ckpt, subset, False)[1]
