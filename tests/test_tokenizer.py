@@ -13,7 +13,7 @@ import sentencepiece as spm
 from conftest import make_pair
 from traduire import device
 from traduire.config import TokenizerConfig
-from traduire.errors import ConfigError
+from traduire.errors import ConfigError, TraduireError
 from traduire.tokenizer import encode_corpus, sample_sentences, train_tokenizer
 
 
@@ -58,13 +58,17 @@ def test_sample_is_uniform(monkeypatch):
 
 
 def test_sentencepiece_sees_at_most_input_sentence_size_sentences(monkeypatch, tmp_path):
-    seen = []
+    log = tmp_path / "seen.txt"  # SentencePiece trains in a child process: it writes here
     original = spm.SentencePieceTrainer.train
 
     def counting(**kwargs):
         sentences = list(kwargs.pop("sentence_iterator"))
-        seen.append(len(sentences))
+        with open(log, "a") as f:
+            f.write(f"{len(sentences)}\n")
         return original(sentence_iterator=iter(sentences), **kwargs)
+
+    def seen() -> list[int]:
+        return [int(n) for n in log.read_text().split()]
 
     monkeypatch.setattr(spm.SentencePieceTrainer, "train", counting)
     words = "the a dog cat bird horse runs sleeps eats big small red".split()
@@ -72,10 +76,10 @@ def test_sentencepiece_sees_at_most_input_sentence_size_sentences(monkeypatch, t
     text = [" ".join(rng.choice(words, 6)) for _ in range(400)]
     pairs = datasets.Dataset.from_dict({"src": text[:200], "tgt": text[200:]})
     train_tokenizer(pairs, TokenizerConfig(vocab_size=30, input_sentence_size=150), tmp_path)
-    assert seen == [150]
+    assert seen() == [150]
     train_tokenizer(pairs, TokenizerConfig(vocab_size=30, joint=False, input_sentence_size=120),
                     tmp_path)
-    assert seen == [150, 120, 120]  # one model per side
+    assert seen() == [150, 120, 120]  # one model per side
 
 
 def test_vocabulary_too_small_for_the_characters_says_so(tmp_path):
@@ -117,3 +121,26 @@ def test_the_tokenizer_does_not_depend_on_the_cores_of_the_machine(tmp_path, mon
         train_tokenizer(pairs, TokenizerConfig(vocab_size=40), tmp_path / str(len(cores)))
         models.append((tmp_path / str(len(cores)) / "spm.model").read_bytes())
     assert models[0] == models[1]
+
+
+def test_sentencepiece_trains_in_a_process_that_ends(monkeypatch, tmp_path):
+    """Its memory goes back to the system with the process; a crash there is one line."""
+    pids = []
+    original = spm.SentencePieceTrainer.train
+
+    def recording(**kwargs):
+        pids.append(os.getpid())  # recorded in the child's copy of the list only
+        return original(**kwargs)
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", recording)
+    pairs = datasets.Dataset.from_dict({"src": ["a dog runs"] * 50, "tgt": ["un chien court"] * 50})
+    train_tokenizer(pairs, TokenizerConfig(vocab_size=20), tmp_path)
+    assert pids == [] and (tmp_path / "spm.model").is_file()
+
+    def dying(**kwargs):
+        os._exit(9)
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", dying)
+    with pytest.raises(TraduireError, match="SentencePiece training ended abruptly.*"
+                       "input_sentence_size"):
+        train_tokenizer(pairs, TokenizerConfig(vocab_size=20), tmp_path / "again")

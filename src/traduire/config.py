@@ -59,7 +59,9 @@ class TokenizerConfig:
     vocab_size: int = 8000
     joint: bool = True  # one vocabulary for both languages (needed to tie all embeddings)
     character_coverage: float = 1.0
-    input_sentence_size: int = 2_000_000  # sentences sampled for SentencePiece training (0: all)
+    # Sentences sampled for SentencePiece training (0: all). SentencePiece holds them and its
+    # counts in memory: under 2 GB for a million sentences of translation length.
+    input_sentence_size: int = 1_000_000
     pad_id: int = 0
     unk_id: int = 1
     bos_id: int = 2

@@ -14,11 +14,13 @@ whoever embeds traduire and wants the same speed).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import math
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -166,9 +168,11 @@ def int8_available() -> bool:
 
 # --- Process settings --------------------------------------------------------------------------
 
-# glibc's mallopt parameter numbers (malloc.h).
+# glibc's mallopt parameter numbers (malloc.h), and its defaults for them.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_GLIBC_DEFAULTS = {_M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 128 * 1024}
+_allocator_tuned = False
 
 
 def configure_runtime() -> None:
@@ -191,14 +195,39 @@ def tune_allocator() -> bool:
     trimming it makes them reuse warm pages; peak memory is unchanged. Returns whether the
     setting was applied (only on Linux with glibc, and not with TRADUIRE_SYSTEM_MALLOC=1).
     """
+    global _allocator_tuned
     if os.environ.get("TRADUIRE_SYSTEM_MALLOC") == "1" or not sys.platform.startswith("linux"):
         return False
+    _allocator_tuned = _mallopt(_M_MMAP_MAX, 0) and _mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    return _allocator_tuned
+
+
+@contextlib.contextmanager
+def default_allocator() -> Iterator[None]:
+    """glibc's own allocator settings for a while, where tune_allocator changed them. Data
+    preparation allocates large, short-lived buffers (SentencePiece's sample and counts, the
+    encoding workers' batches); handed back to the system when freed, they do not add up in
+    the processes forked next (4M pairs: peak memory of the process tree 3,211 MiB tuned,
+    2,912 MiB with glibc's settings, the same speed)."""
+    global _allocator_tuned
+    if not _allocator_tuned:
+        yield
+        return
+    for parameter, value in _GLIBC_DEFAULTS.items():
+        _mallopt(parameter, value)
+    _allocator_tuned = False
+    try:
+        yield
+    finally:
+        tune_allocator()
+
+
+def _mallopt(parameter: int, value: int) -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        return bool(libc.mallopt(parameter, value))
     except (OSError, AttributeError):  # musl and other C libraries have no mallopt
         return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def tune_onednn() -> None:

@@ -48,6 +48,7 @@ from traduire.data import clean, load_corpus, progress_bars
 from traduire.device import data_workers, resolve_device
 from traduire.errors import CheckpointError, DataError, TraduireError
 from traduire.files import atomic_open, atomic_write_text, move_aside, replace_directory
+from traduire.kernels import default_allocator
 from traduire.tokenizer import Tokenizer, encode_corpus, train_tokenizer
 from traduire.training import Trainer, TrainState
 
@@ -85,8 +86,9 @@ def prepare(config: Config | str | Path, run_dir: str | Path, overrides: list[st
     config, run_dir = _as_config(config, overrides), Path(run_dir)
     redo = check_run_dir(run_dir, config, overwrite, stages=("data", "tokenizer"))
     _start(run_dir, config, redo)
-    prepare_data(config, run_dir)
-    prepare_tokenizer(config, run_dir)
+    with default_allocator():
+        prepare_data(config, run_dir)
+        prepare_tokenizer(config, run_dir)
 
 
 def _as_config(config: Config | str | Path, overrides: list[str]) -> Config:
@@ -107,8 +109,9 @@ def run(config: Config, run_dir: Path, overwrite: bool = False) -> TrainState:
     def prepare_on_main() -> None:
         redo = check_run_dir(run_dir, config, overwrite)
         _start(run_dir, config, redo)
-        prepare_data(config, run_dir)
-        prepare_tokenizer(config, run_dir)
+        with default_allocator():  # training's allocator settings hold its memory too long
+            prepare_data(config, run_dir)
+            prepare_tokenizer(config, run_dir)
         _write_record(run_dir, "model", config)
 
     # Every rank checks (reading only) that the directory may be used, so a foreign one stops
