@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 TRADUIRE_EXTRAS=bible source scripts/setup.sh
 RUN="${RUN_DIR:-runs/quickstart}"
 
-say "training (8 minutes on 2 CPU cores; an interrupted run resumes)"
+say "training (9 minutes on 2 CPU cores; an interrupted run resumes)"
 traduire train --config configs/quickstart-en-fr.yaml --run-dir "$RUN"
 
 say "translating a few sentences"
