@@ -34,7 +34,9 @@ def test_compare_dry_run_measures_traduire_and_prints_the_ratio_table(tmp_path, 
     assert set(record["isa"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_tile"}
     assert record["training_tgt_tok_per_s"]["traduire fp32"] > 0
     assert record["decoding_sentences_per_s"]["traduire fp32"].keys() == {"64", "tokens"}
-    assert set(record["quality"]) == {"traduire test_2016_flickr", "traduire test_2017_flickr"}
+    assert set(record["quality"]) == {"traduire test_2016_flickr", "traduire test_2017_flickr",
+                                      "traduire fp32 test_2016_flickr",
+                                      "traduire int8 test_2016_flickr"}
     header = next(line for line in out.out.splitlines() if line.startswith("figure"))
     assert header.split() == ["figure", "system", "value", "vs", "fairseq", "vs", "ct2", "int8"]
     assert "beam-5 sent/s, batch 64" in out.out and "BLEU / chrF" in out.out
