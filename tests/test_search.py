@@ -110,18 +110,17 @@ def test_exhaustive(seed: int, lenpen: float) -> None:
     assert [h.score for h in hyps] == pytest.approx([s for s, _ in space], abs=1e-5)
 
 
-@torch.no_grad()
-def reference_beam(model: Transformer, src: torch.Tensor, beam: int, lenpen: float,
-                   max_len: int) -> list[tuple[float, list[int]]]:
-    """Classical beam search without early stopping: recomputes every hypothesis from scratch
-    and runs to the length limit. Returns the `beam` best finished (score, tokens)."""
+def classical_beam(next_logprobs, beam: int, lenpen: float, max_len: int
+                   ) -> list[tuple[float, list[int]]]:
+    """Classical beam search without early stopping: every hypothesis is run to the length
+    limit. `next_logprobs(tokens)` gives the log-probabilities of the next token after the
+    target prefix `tokens`. Returns the `beam` best finished (score, tokens)."""
     live: list[tuple[float, list[int]]] = [(0.0, [])]
     finished: list[tuple[float, list[int]]] = []
     for step in range(max_len + 1):
         candidates = []
         for logprob, tokens in live:
-            lps = model(src, torch.tensor([[BOS] + tokens])).log_softmax(-1)[0, -1].tolist()
-            for token, lp in enumerate(lps):
+            for token, lp in enumerate(next_logprobs(tokens)):
                 if token not in (PAD, BOS) and (step < max_len or token == EOS):
                     candidates.append((logprob + lp, tokens + [token]))
         candidates.sort(key=lambda c: c[0], reverse=True)
@@ -132,6 +131,15 @@ def reference_beam(model: Transformer, src: torch.Tensor, beam: int, lenpen: flo
         live = [c for c in candidates if c[1][-1] != EOS][:beam]
     finished.sort(key=lambda c: c[0], reverse=True)
     return finished[:beam]
+
+
+@torch.no_grad()
+def reference_beam(model: Transformer, src: torch.Tensor, beam: int, lenpen: float,
+                   max_len: int) -> list[tuple[float, list[int]]]:
+    """classical_beam on the Transformer, recomputing every hypothesis from scratch."""
+    return classical_beam(
+        lambda tokens: model(src, torch.tensor([[BOS] + tokens])).log_softmax(-1)[0, -1].tolist(),
+        beam, lenpen, max_len)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -360,25 +368,9 @@ def random_bigram(vocab: int, seed: int) -> BigramModel:
 
 def bigram_reference_beam(model: BigramModel, beam: int, lenpen: float, max_len: int
                           ) -> list[tuple[float, list[int]]]:
-    """reference_beam's classical beam search (no early stopping, every hypothesis run to the
-    length limit) on a bigram model."""
-    live: list[tuple[float, list[int]]] = [(0.0, [])]
-    finished: list[tuple[float, list[int]]] = []
-    for step in range(max_len + 1):
-        candidates = []
-        for logprob, tokens in live:
-            lps = model.logits[tokens[-1] if tokens else BOS].tolist()
-            for token, lp in enumerate(lps):
-                if token not in (PAD, BOS) and (step < max_len or token == EOS):
-                    candidates.append((logprob + lp, tokens + [token]))
-        candidates.sort(key=lambda c: c[0], reverse=True)
-        candidates = candidates[:2 * beam]
-        for logprob, tokens in candidates[:beam]:
-            if tokens[-1] == EOS:
-                finished.append((logprob / length_penalty(len(tokens), lenpen), tokens[:-1]))
-        live = [c for c in candidates if c[1][-1] != EOS][:beam]
-    finished.sort(key=lambda c: c[0], reverse=True)
-    return finished[:beam]
+    """classical_beam on a bigram model."""
+    return classical_beam(lambda tokens: model.logits[tokens[-1] if tokens else BOS].tolist(),
+                          beam, lenpen, max_len)
 
 
 @pytest.mark.parametrize("lenpen", [-1.0, -0.3, 0.6, 2.0, 4.0])
