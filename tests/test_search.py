@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from traduire import search
+from traduire.errors import TraduireError
 from traduire.model import DecoderCache, Transformer, TransformerShape
-from traduire.search import beam_search, greedy, length_penalty, sample
+from traduire.search import (
+    SearchOptions,
+    beam_search,
+    decode,
+    greedy,
+    length_penalty,
+    parse_sampling,
+    sample,
+)
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIAL = dict(bos=BOS, eos=EOS, pad=PAD)
@@ -474,3 +485,96 @@ def test_the_bound_uses_the_penalty_of_the_longest_output_the_limit_allows() -> 
                            **SPECIAL)[0][0]
         assert best.tokens == [a, b, c, d, e]
         assert bigram_reference_beam(model, beam, 2.0, 5)[0][1] == best.tokens
+
+
+# --- decode and SearchOptions ------------------------------------------------------------------
+
+TOKENIZER = SimpleNamespace(pad_id=PAD, bos_id=BOS, eos_id=EOS)  # all that decode reads
+
+
+def source_ids(src: torch.Tensor) -> list[list[int]]:
+    """The sentences of a padded source batch, without EOS and padding."""
+    return [row[:int((row != PAD).sum()) - 1].tolist() for row in src]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("beam", "nbest", "lenpen"), [(4, 3, 1.0), (3, 1, 0.0), (5, 5, 2.0)])
+def test_decode_is_beam_search_on_the_same_batch(seed: int, beam: int, nbest: int,
+                                                 lenpen: float) -> None:
+    model = tiny_model(14, seed)
+    src = random_sources(14, [5, 1, 3, 7, 2], seed)
+    options = SearchOptions(beam=beam, nbest=nbest, lenpen=lenpen, max_len_a=0.5, max_len_b=4)
+    nbests = decode(model, TOKENIZER, source_ids(src), options)
+    assert nbests == beam_search(model, src, beam=beam, nbest=nbest, lenpen=lenpen,
+                                 max_len_a=0.5, max_len_b=4, **SPECIAL)
+    assert [len(hyps) for hyps in nbests] == [nbest] * 5
+    # Input order: the same sentences reversed come back reversed.
+    backwards = decode(model, TOKENIZER, source_ids(src)[::-1], options)
+    for hyps, again in zip(nbests, backwards[::-1], strict=True):
+        assert [h.tokens for h in hyps] == [h.tokens for h in again]
+        assert [h.score for h in hyps] == pytest.approx([h.score for h in again], abs=1e-5)
+
+
+def test_decode_with_one_beam_and_no_length_penalty_is_greedy() -> None:
+    model = tiny_model(12, 2)
+    src = random_sources(12, [3, 5, 1, 4], 2)
+    assert decode(model, TOKENIZER, source_ids(src), SearchOptions(beam=1, lenpen=0.0)) == \
+        [[h] for h in greedy(model, src, **SPECIAL)]
+    # And the default options are beam search's defaults.
+    assert decode(model, TOKENIZER, source_ids(src), SearchOptions()) == \
+        beam_search(model, src, beam=5, **SPECIAL)
+
+
+@pytest.mark.parametrize(("spec", "cut"), [("topk:3", {"top_k": 3}), ("topp:0.8", {"top_p": 0.8}),
+                                           ("topk:50", {"top_k": 50})])
+def test_decode_samples_as_sample_does(spec: str, cut: dict) -> None:
+    model = tiny_model(12, 0, peak=1.0)
+    src = random_sources(12, [3, 5, 2, 4], 0)
+    options = SearchOptions(sample=spec, temperature=1.5, nbest=3, beam=1, max_len_b=6)
+    sampled = decode(model, TOKENIZER, source_ids(src), options,
+                     generator=torch.Generator().manual_seed(7))
+    expected = sample(model, src, temperature=1.5, generator=torch.Generator().manual_seed(7),
+                      max_len_b=6, **cut, **SPECIAL)
+    assert sampled == [[h] for h in expected]  # one hypothesis each, whatever nbest says
+
+
+def test_search_options_checks_with_the_cli_flags_words() -> None:
+    assert SearchOptions() == SearchOptions(beam=5, nbest=1, lenpen=1.0, max_len_a=1.2,
+                                            max_len_b=10, sample=None, temperature=1.0, seed=0)
+    for options, message in [
+            ({"beam": 0}, "--beam must be at least 1"),
+            ({"nbest": 0}, "--nbest must be at least 1"),
+            ({"beam": 2, "nbest": 3}, "--nbest 3 cannot exceed --beam 2"),
+            ({"sample": "topk:0"}, "--sample 'topk:0': expected topk:K (K >= 1) or topp:P "
+                                   "(0 < P <= 1)"),
+            ({"sample": "topp:1.5"}, "--sample 'topp:1.5': expected"),
+            ({"sample": "beam"}, "--sample 'beam': expected"),
+            ({"temperature": 0.0}, "temperature must be positive, got 0.0"),
+            ({"temperature": -1.0}, "temperature must be positive, got -1.0"),
+            ({"temperature": math.nan}, "temperature must be positive, got nan")]:
+        with pytest.raises(TraduireError) as error:
+            SearchOptions(**options)
+        assert str(error.value).startswith(message), options
+    assert SearchOptions(beam=1, nbest=3, sample="topp:0.9").nbest == 3  # sampling: no beam
+    assert parse_sampling("topk:7") == (7, None)
+    assert parse_sampling("topp:0.25") == (None, 0.25)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        SearchOptions().beam = 2  # type: ignore[misc]
+
+
+def test_a_frozen_subclass_adds_its_fields_and_keeps_the_checks() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Batched(SearchOptions):
+        batch_size: int = 0
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if self.batch_size < 0:
+                raise TraduireError("--batch-size must not be negative")
+
+    options = Batched(beam=3, batch_size=8)
+    assert (options.beam, options.nbest, options.batch_size) == (3, 1, 8)
+    with pytest.raises(TraduireError, match="^--beam must be at least 1$"):
+        Batched(beam=0)
+    with pytest.raises(TraduireError, match="^--batch-size must not be negative$"):
+        Batched(batch_size=-1)

@@ -1,4 +1,5 @@
-"""Decoding for the encoder-decoder Transformer: beam search, greedy search and sampling.
+"""Decoding for the encoder-decoder Transformer: beam search, greedy search and sampling, and
+`decode`, the one batch decoder translation and validation call with their `SearchOptions`.
 
 All three encode the source batch once and then extend every live hypothesis by one token per
 step, feeding only that token through the decoder's key/value cache. Hypotheses that end leave
@@ -16,13 +17,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from traduire.batch import output_limits
+from traduire.batch import output_limits, source_batch
+from traduire.errors import TraduireError
 from traduire.kernels import top_per_row
 from traduire.model import DecoderCache, Transformer
+
+if TYPE_CHECKING:  # the tokenizer module loads `datasets`, which is slow to import
+    from traduire.tokenizer import Tokenizer
 
 
 @dataclass
@@ -38,6 +44,47 @@ class Hypothesis:
     def probability(self) -> float:
         """The sentence probability exp(logprob)."""
         return math.exp(self.logprob)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How to search: beam search with `beam`, `lenpen` and `nbest`, or sampling with `sample`
+    ("topk:K" or "topp:P") and `temperature`; outputs have at most int(max_len_a * source
+    length + max_len_b) tokens. Checked on creation (errors name the CLI flags); every field
+    has a default, so a frozen subclass can add its own."""
+
+    beam: int = 5
+    nbest: int = 1
+    lenpen: float = 1.0
+    max_len_a: float = 1.2
+    max_len_b: int = 10
+    sample: str | None = None  # "topk:K" or "topp:P"
+    temperature: float = 1.0
+    seed: int = 0  # seeds the generator of a sampled stream (translate_lines)
+
+    def __post_init__(self) -> None:
+        for name in ("beam", "nbest"):
+            if getattr(self, name) < 1:
+                raise TraduireError(f"--{name} must be at least 1")
+        if self.nbest > self.beam and self.sample is None:
+            raise TraduireError(f"--nbest {self.nbest} cannot exceed --beam {self.beam}")
+        if self.sample is not None:
+            parse_sampling(self.sample)
+        if not self.temperature > 0:  # NaN fails too
+            raise TraduireError(f"temperature must be positive, got {self.temperature}")
+
+
+def parse_sampling(spec: str) -> tuple[int | None, float | None]:
+    """'topk:K' -> (K, None); 'topp:P' -> (None, P)."""
+    kind, _, value = spec.partition(":")
+    try:
+        if kind == "topk" and int(value) >= 1:
+            return int(value), None
+        if kind == "topp" and 0.0 < float(value) <= 1.0:
+            return None, float(value)
+    except ValueError:
+        pass
+    raise TraduireError(f"--sample {spec!r}: expected topk:K (K >= 1) or topp:P (0 < P <= 1)")
 
 
 def length_penalty(length: int, alpha: float) -> float:
@@ -257,3 +304,25 @@ def sample(model: Transformer, src: Tensor, *, bos: int, eos: int, pad: int,
             tokens, token_lps, last = tokens[keep], token_lps[keep], last[keep]
         step += 1
     return [results[i] for i in range(src.size(0))]  # each one ends, at its length limit
+
+
+@torch.inference_mode()
+def decode(model: Transformer, tokenizer: Tokenizer, src_ids: list[list[int]],
+           options: SearchOptions, generator: torch.Generator | None = None
+           ) -> list[list[Hypothesis]]:
+    """Translate one batch of encoded sources (ids without EOS) as `options` say: per sentence,
+    in input order, its `nbest` best hypotheses by beam search, or one sampled hypothesis
+    (drawn with `generator`; None draws from torch's global one). For greedy search use
+    SearchOptions(beam=1, lenpen=0.0)."""
+    tok = tokenizer
+    src = source_batch(src_ids, pad=tok.pad_id, eos=tok.eos_id).to(
+        next(model.parameters()).device)
+    common = dict(bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id,
+                  max_len_a=options.max_len_a, max_len_b=options.max_len_b)
+    if options.sample is not None:
+        top_k, top_p = parse_sampling(options.sample)
+        return [[h] for h in sample(model, src, top_k=top_k, top_p=top_p,
+                                    temperature=options.temperature, generator=generator,
+                                    **common)]
+    return beam_search(model, src, beam=options.beam, lenpen=options.lenpen,
+                       nbest=options.nbest, **common)
