@@ -8,19 +8,56 @@ fails in the first second with the key's name rather than hours into a run.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 
 from traduire.errors import ConfigError
+
+# --- Checks a type cannot express --------------------------------------------------------------
+# A key's range is declared with its type (`lr: Positive[float]`). A check returns the rest of
+# the error message after the key's name, or None if the value is fine.
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f" must be positive; got {value}"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else f" must not be negative; got {value}"
+
+
+def _probability(value: float) -> str | None:
+    return None if 0.0 <= value < 1.0 else f" must be in [0, 1); got {value}"
+
+
+def _coverage(value: float) -> str | None:
+    return None if 0.0 < value <= 1.0 else " must be in (0, 1]"
+
+
+def _duration(value: str) -> str | None:
+    try:
+        parse_duration(value)
+    except ValueError as e:
+        return f": {e}"
+    return None
+
+
+_Number = TypeVar("_Number", int, float)
+Positive = Annotated[_Number, _positive]
+NonNegative = Annotated[_Number, _non_negative]
+Probability = Annotated[float, _probability]
+Duration = Annotated[str, _duration]
 
 
 @dataclass(frozen=True)
@@ -43,25 +80,25 @@ class DataConfig:
     bible_tgt: str = "l"
     bible_db: str | None = None
     # cleaning
-    max_words: int = 250  # drop pairs with a side longer than this (whitespace words)
-    max_ratio: float = 9.0  # drop pairs whose word-length ratio exceeds this
+    max_words: Positive[int] = 250  # drop pairs with a side longer than this (whitespace words)
+    max_ratio: Positive[float] = 9.0  # drop pairs whose word-length ratio exceeds this
     dedupe: bool = True
     skip_invalid_utf8: bool = False
-    max_valid: int = 0  # 0 = keep the whole validation set
+    max_valid: NonNegative[int] = 0  # 0 = keep the whole validation set
     # Processes that clean and encode (0: every core this process may use). The results are
     # the same for any number, so it may change between runs of a run directory.
-    workers: int = 0
+    workers: NonNegative[int] = 0
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
     model_type: Literal["unigram", "bpe"] = "unigram"
-    vocab_size: int = 8000
+    vocab_size: Positive[int] = 8000
     joint: bool = True  # one vocabulary for both languages (needed to tie all embeddings)
-    character_coverage: float = 1.0
+    character_coverage: Annotated[float, _coverage] = 1.0
     # Sentences sampled for SentencePiece training (0: all). SentencePiece holds them and its
     # counts in memory: under 2 GB for a million sentences of translation length.
-    input_sentence_size: int = 1_000_000
+    input_sentence_size: NonNegative[int] = 1_000_000
     pad_id: int = 0
     unk_id: int = 1
     bos_id: int = 2
@@ -73,20 +110,20 @@ class ModelConfig:
     # tiny | small | base | big: defaults for layers, d_model, heads, ffn_dim and dropout (see
     # MODEL_PRESETS); keys set explicitly in the config override the preset's values.
     preset: Literal["tiny", "small", "base", "big"] | None = None
-    layers: int = 6  # depth of encoder and decoder, unless set separately below
-    encoder_layers: int | None = None
-    decoder_layers: int | None = None
-    d_model: int = 512
-    heads: int = 8
-    ffn_dim: int = 2048
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
+    layers: Positive[int] = 6  # depth of encoder and decoder, unless set separately below
+    encoder_layers: Positive[int] | None = None
+    decoder_layers: Positive[int] | None = None
+    d_model: Positive[int] = 512
+    heads: Positive[int] = 8
+    ffn_dim: Positive[int] = 2048
+    dropout: Probability = 0.1
+    attention_dropout: Probability = 0.0
     # Dropout after the FFN activation: off by default, as in fairseq; it is the costliest
     # dropout on CPU (it acts on the widest tensor).
-    activation_dropout: float = 0.0
+    activation_dropout: Probability = 0.0
     activation: Literal["relu", "gelu"] = "relu"
     norm: Literal["pre", "post"] = "pre"
-    max_positions: int = 1024
+    max_positions: Positive[int] = 1024
     share_embeddings: bool = True
 
 
@@ -103,41 +140,41 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 1
-    batch_tokens: int = 4096  # tokens (source or target, whichever is longer, padded) per step
-    accumulate: int = 1  # split each step's batch into this many forward/backward passes
-    max_len: int = 256  # training pairs with more tokens on either side are skipped
-    lr: float = 1e-3  # peak learning rate, reached at the end of warmup
-    warmup_steps: int = 4000
+    batch_tokens: Positive[int] = 4096  # padded tokens (of the longer side) per step
+    accumulate: Positive[int] = 1  # split each step's batch into this many forward/backward passes
+    max_len: Positive[int] = 256  # training pairs with more tokens on either side are skipped
+    lr: Positive[float] = 1e-3  # peak learning rate, reached at the end of warmup
+    warmup_steps: NonNegative[int] = 4000
     schedule: Literal["inverse_sqrt", "cosine", "linear"] = "inverse_sqrt"
-    decay_steps: int = 0  # cosine/linear: steps until the lr reaches min_lr (0: max_steps)
-    min_lr: float = 0.0
+    decay_steps: NonNegative[int] = 0  # cosine/linear: steps to reach min_lr (0: max_steps)
+    min_lr: NonNegative[float] = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-9
     weight_decay: float = 0.0
-    label_smoothing: float = 0.1
-    clip_norm: float = 0.0  # 0 disables gradient clipping
+    label_smoothing: Probability = 0.1
+    clip_norm: NonNegative[float] = 0.0  # 0 disables gradient clipping
     # Autocast dtype (fp16 adds loss scaling); auto = bf16 where the hardware has it natively.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the model (helps on GPU; rarely on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
+    threads: NonNegative[int] = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     # Bounds: these may change between runs of the same run directory.
-    max_steps: int = 0  # 0 = no limit
-    max_epochs: int = 0
-    max_time: str | None = None  # wall clock of training, e.g. "30m", "2h", "1h30m", "90s"
-    save_every: int = 1000
-    keep_last: int = 5
+    max_steps: NonNegative[int] = 0  # 0 = no limit
+    max_epochs: NonNegative[int] = 0
+    max_time: Duration | None = None  # wall clock of training, e.g. "30m", "2h", "1h30m", "90s"
+    save_every: Positive[int] = 1000
+    keep_last: Positive[int] = 5
     # When training ends, write RUN/average.pt, the mean of the newest periodic checkpoints
     # (0: none); translate then uses it by default.
-    average_last: int = 0
-    valid_every: int = 1000
+    average_last: NonNegative[int] = 0
+    valid_every: Positive[int] = 1000
     valid_bleu: bool = False  # also translate (part of) the validation set and score BLEU
-    valid_bleu_sentences: int = 500
-    valid_beam: int = 1
+    valid_bleu_sentences: Positive[int] = 500
+    valid_beam: Positive[int] = 1
     best_metric: Literal["loss", "bleu"] = "loss"  # which validation figure picks best.pt
-    patience: int = 0  # stop after this many validations without improvement (0: never)
-    max_bad_steps: int = 20  # consecutive non-finite losses that end the run
-    log_every: int = 100
+    patience: NonNegative[int] = 0  # stop after this many validations without improving (0: never)
+    max_bad_steps: Positive[int] = 20  # consecutive non-finite losses that end the run
+    log_every: Positive[int] = 100
     tensorboard: bool = False  # also log to run_dir/tensorboard (needs `tensorboard`)
     progress: bool = True
 
@@ -145,10 +182,9 @@ class TrainConfig:
 # Keys of `train` that bound or observe a run without changing what it computes: they may differ
 # between runs of one run directory and are applied on resume.
 BOUND_KEYS = frozenset({"max_steps", "max_epochs", "max_time", "save_every", "keep_last",
-                        "average_last",
-                        "valid_every", "valid_bleu", "valid_bleu_sentences", "valid_beam",
-                        "patience", "max_bad_steps", "log_every", "tensorboard", "progress",
-                        "device", "threads", "compile"})
+                        "average_last", "valid_every", "valid_bleu", "valid_bleu_sentences",
+                        "valid_beam", "patience", "max_bad_steps", "log_every", "tensorboard",
+                        "progress", "device", "threads", "compile"})
 
 
 @dataclass(frozen=True)
@@ -274,57 +310,16 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
 
 
 def _check_values(config: Config, origin: str) -> None:
-    """Checks that need more than a type: sizes, divisibility, durations."""
-    positive = {
-        "tokenizer.vocab_size": config.tokenizer.vocab_size,
-        "model.layers": config.model.layers,
-        "model.d_model": config.model.d_model,
-        "model.heads": config.model.heads,
-        "model.ffn_dim": config.model.ffn_dim,
-        "model.max_positions": config.model.max_positions,
-        "train.batch_tokens": config.train.batch_tokens,
-        "train.accumulate": config.train.accumulate,
-        "train.max_len": config.train.max_len,
-        "train.lr": config.train.lr,
-        "train.save_every": config.train.save_every,
-        "train.keep_last": config.train.keep_last,
-        "train.valid_every": config.train.valid_every,
-        "train.log_every": config.train.log_every,
-        "train.valid_bleu_sentences": config.train.valid_bleu_sentences,
-        "train.valid_beam": config.train.valid_beam,
-        "train.max_bad_steps": config.train.max_bad_steps,
-        "data.max_words": config.data.max_words,
-        "data.max_ratio": config.data.max_ratio,
-    }
-    for name in ("encoder_layers", "decoder_layers"):
-        if getattr(config.model, name) is not None:
-            positive[f"model.{name}"] = getattr(config.model, name)
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{origin}: '{key}' must be positive; got {value}")
-    non_negative = {"train.max_steps": config.train.max_steps,
-                    "train.max_epochs": config.train.max_epochs,
-                    "train.warmup_steps": config.train.warmup_steps,
-                    "train.clip_norm": config.train.clip_norm,
-                    "train.threads": config.train.threads,
-                    "train.decay_steps": config.train.decay_steps,
-                    "train.min_lr": config.train.min_lr,
-                    "train.patience": config.train.patience,
-                    "train.average_last": config.train.average_last,
-                    "data.max_valid": config.data.max_valid,
-                    "data.workers": config.data.workers,
-                    "tokenizer.input_sentence_size": config.tokenizer.input_sentence_size}
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{origin}: '{key}' must not be negative; got {value}")
-    for key, value in {"model.dropout": config.model.dropout,
-                       "model.attention_dropout": config.model.attention_dropout,
-                       "model.activation_dropout": config.model.activation_dropout,
-                       "train.label_smoothing": config.train.label_smoothing}.items():
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"{origin}: '{key}' must be in [0, 1); got {value}")
-    if not 0.0 < config.tokenizer.character_coverage <= 1.0:
-        raise ConfigError(f"{origin}: 'tokenizer.character_coverage' must be in (0, 1]")
+    """Checks that need more than a type: each key's own (declared with its type; not of None,
+    an optional key left unset), then those that join keys, which rely on them (heads > 0)."""
+    for section in fields(config):
+        values = getattr(config, section.name)
+        hints = typing.get_type_hints(type(values), include_extras=True)
+        for f in fields(values):
+            value = getattr(values, f.name)
+            for check in _checks(hints[f.name]) if value is not None else ():
+                if problem := check(value):
+                    raise ConfigError(f"{origin}: '{section.name}.{f.name}'{problem}")
     if config.model.d_model % config.model.heads:
         raise ConfigError(f"{origin}: 'model.d_model' ({config.model.d_model}) must be divisible "
                           f"by 'model.heads' ({config.model.heads})")
@@ -349,11 +344,13 @@ def _check_values(config: Config, origin: str) -> None:
                           "checkpoints kept to average")
     if config.train.best_metric == "bleu" and not config.train.valid_bleu:
         raise ConfigError(f"{origin}: 'train.best_metric: bleu' needs 'train.valid_bleu: true'")
-    if config.train.max_time is not None:
-        try:
-            parse_duration(config.train.max_time)
-        except ValueError as e:
-            raise ConfigError(f"{origin}: 'train.max_time': {e}") from None
+
+
+def _checks(hint: Any) -> tuple[Callable[[Any], str | None], ...]:
+    """The checks declared in a type hint: Positive[int] | None -> (_positive,)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(check for arg in typing.get_args(hint) for check in _checks(arg))
+    return getattr(hint, "__metadata__", ())
 
 
 # --- Helpers -----------------------------------------------------------------------------------
@@ -389,13 +386,18 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         name = f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
             keys += changed_keys(a, b, name + ".")
-        elif _normalise(a) != _normalise(b):
+        elif plain(a) != plain(b):
             keys.append(name)
     return keys
 
 
-def _normalise(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+def plain(value: Any) -> Any:
+    """Tuples -> lists, all the way down, so settings compare equal after a JSON/YAML trip."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 def _type_name(hint: Any) -> str:
@@ -404,8 +406,6 @@ def _type_name(hint: Any) -> str:
 
 
 def _suggestion(key: str, known: set[str]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(key, known, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
