@@ -276,3 +276,56 @@ def test_parameter_count_of_the_benchmark_shape():
 def test_parameter_count_post_norm_and_uneven_depth():
     model = tiny("post", encoder_layers=1, decoder_layers=3)
     assert model.num_parameters() == expected_parameters(VOCAB, 32, 64, 1, 3, pre_norm=False)
+
+
+def embedded_target(model: Transformer, src: torch.Tensor, tgt: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of model(src, tgt), and the embedded target the decoder starts from (batch,
+    length, d_model): the output of the first module to finish on `tgt` itself. Found by what
+    it does rather than by name, and told from the source's call to a shared embedding by the
+    identity of its input."""
+    found: list[torch.Tensor] = []
+
+    def keep(module, inputs, output):
+        if not found and inputs and inputs[0] is tgt and isinstance(output, torch.Tensor) \
+                and output.is_floating_point():
+            found.append(output)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(keep)
+    try:
+        logits = model(src, tgt)
+    finally:
+        handle.remove()
+    assert found and found[0].shape[:2] == tgt.shape and found[0].requires_grad
+    return logits, found[0]
+
+
+@NORMS
+def test_decoder_is_causal_with_gradients_on(norm):
+    """The causality tests above run under no_grad, where attention masks the future
+    explicitly. A training step (fp32, gradients on) takes torch's fused attention instead,
+    whose only guard against the future is its is_causal flag: the same promise, checked on
+    that path, for the logits and for their gradients."""
+    model = tiny(norm, dropout=0.0).train()  # no dropout: two passes compare exactly
+    src = random_tokens(2, 6, seed=21)
+    tgt = torch.cat([torch.full((2, 1), BOS), random_tokens(2, 7, seed=22)], dim=1)
+    length = tgt.size(1)
+    assert torch.is_grad_enabled()
+    logits, embedded = embedded_target(model, src, tgt)
+    assert logits.requires_grad and logits.dtype == torch.float32
+    for j in range(1, length):
+        changed = tgt.clone()
+        changed[:, j] = torch.where(tgt[:, j] == 4, 5, 4)
+        logits_changed = model(src, changed)
+        torch.testing.assert_close(logits_changed[:, :j], logits[:, :j], atol=1e-6, rtol=0)
+        # Position j sees its own token, and every later one sees position j.
+        for later in range(j, length):
+            assert not torch.allclose(logits_changed[:, later], logits[:, later], atol=1e-4)
+    # The logits at position i owe nothing to later target positions: their gradient with
+    # respect to those positions' embeddings is exactly zero (and not to earlier ones).
+    directions = torch.randn(logits.shape, generator=torch.Generator().manual_seed(23))
+    for i in range(length):
+        (grad,) = torch.autograd.grad(logits[:, i], embedded, grad_outputs=directions[:, i],
+                                      retain_graph=True)
+        assert torch.count_nonzero(grad[:, i + 1:]) == 0, i
+        assert (grad[:, :i + 1].abs().sum(-1) > 0).all(), i
