@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from traduire.model import Transformer, TransformerShape
-from traduire.monitor import ModelFlops, Window
+from traduire.monitor import ModelFlops, Window, embedding_tables
 
 
 def tiny_model() -> Transformer:
@@ -45,6 +45,18 @@ def test_model_flops_grow_with_each_sentence_not_with_padding():
     flops = ModelFlops(tiny_model())
     together = flops(np.array([3, 5]), np.array([4, 2]))
     assert together == flops(np.array([3]), np.array([4])) + flops(np.array([5]), np.array([2]))
+
+
+def test_embedding_tables_count_a_shared_table_once():
+    shared = tiny_model()
+    assert [t.shape for t in embedding_tables(shared).values()] == [(10, 4)]
+    apart = Transformer(TransformerShape(src_vocab_size=12, tgt_vocab_size=10, d_model=4, heads=2,
+                                         ffn_dim=8, encoder_layers=1, decoder_layers=1,
+                                         max_positions=16, share_embeddings=False))
+    tables = embedding_tables(apart)
+    assert sorted(t.shape[0] for t in tables.values()) == [10, 12]
+    assert all(tables[id(t)] is t for t in (apart.encoder.embedding.weight,
+                                             apart.decoder.embedding.weight))
 
 
 def window_of(flops: float, seconds: float) -> Window:

@@ -31,6 +31,13 @@ def peak_flops(device: torch.device) -> float | None:
     return next((f for key, f in PEAK_FLOPS.items() if key in name), None)
 
 
+def embedding_tables(model: Transformer) -> dict[int, torch.nn.Parameter]:
+    """The token embedding tables by parameter id: one table when the encoder and decoder share
+    it. The decoder's is also the output projection."""
+    tables = (model.encoder.embedding.weight, model.decoder.embedding.weight)
+    return {id(table): table for table in tables}
+
+
 class ModelFlops:
     """Model FLOPs of one forward and backward pass over sentences of given lengths (tokens,
     EOS included; padding is not the model's work and is not counted).
@@ -55,7 +62,7 @@ class ModelFlops:
 
     def __init__(self, model: Transformer) -> None:
         shape = model.shape
-        embeddings = {id(model.encoder.embedding.weight), id(model.decoder.embedding.weight)}
+        embeddings = embedding_tables(model)
         cross_kv = [p for layer in model.decoder.layers
                     for p in layer.cross_attn.kv_proj.parameters()]
         self.source_side = sum(p.numel() for p in model.encoder.parameters()

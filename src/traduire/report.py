@@ -17,8 +17,9 @@ from traduire.analysis import AttentionMap, ScoredPair, find_word
 from traduire.checkpoint import load_checkpoint, step_checkpoints
 from traduire.config import MODEL_PRESETS, load_config
 from traduire.errors import TraduireError
-from traduire.files import read_text_lines
+from traduire.files import check_line_counts, read_text_lines
 from traduire.model import Transformer, TransformerShape
+from traduire.monitor import embedding_tables
 from traduire.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -79,15 +80,12 @@ def parameter_counts(shape: TransformerShape) -> dict[str, int]:
     The model is built on the meta device, so even a big one costs no memory or time."""
     with torch.device("meta"):
         model = Transformer(shape)
-    embedding_ids = {id(model.encoder.embedding.weight), id(model.decoder.embedding.weight)}
-    embeddings = sum(p.numel() for p in {id(p): p for p in (model.encoder.embedding.weight,
-                                                            model.decoder.embedding.weight)
-                                         }.values())
+    tables = embedding_tables(model)
 
     def body(module: torch.nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters() if id(p) not in embedding_ids)
+        return sum(p.numel() for p in module.parameters() if id(p) not in tables)
 
-    counts = {"embeddings": embeddings, "encoder": body(model.encoder),
+    counts = {"embeddings": sum(p.numel() for p in tables.values()), "encoder": body(model.encoder),
               "decoder": body(model.decoder)}
     counts["total"] = model.num_parameters()
     return counts
@@ -313,6 +311,6 @@ def attention_text(amap: AttentionMap, row: int | None) -> list[Any]:
 def score_files(translator: Translator, src: Path, tgt: Path) -> list[ScoredPair]:
     """`traduire score`: forced decoding of two aligned files."""
     sources, targets = read_text_lines(src), read_text_lines(tgt)
-    if len(sources) != len(targets):
-        raise TraduireError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}")
+    check_line_counts(src, len(sources), tgt, len(targets),
+                      "each source line needs its target line")
     return translator.score(sources, targets)
