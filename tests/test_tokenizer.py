@@ -14,7 +14,7 @@ from conftest import make_pair
 from traduire import device
 from traduire.config import TokenizerConfig
 from traduire.errors import ConfigError, TraduireError
-from traduire.tokenizer import encode_corpus, sample_sentences, train_tokenizer
+from traduire.tokenizer import Tokenizer, encode_corpus, sample_sentences, train_tokenizer
 
 
 def numbered_pairs(n: int) -> datasets.Dataset:
@@ -144,3 +144,37 @@ def test_sentencepiece_trains_in_a_process_that_ends(monkeypatch, tmp_path):
     with pytest.raises(TraduireError, match="SentencePiece training ended abruptly.*"
                        "input_sentence_size"):
         train_tokenizer(pairs, TokenizerConfig(vocab_size=20), tmp_path / "again")
+
+
+# --- the vocabulary's fingerprint --------------------------------------------------------------
+
+
+def toy_pairs(upper: bool = False) -> datasets.Dataset:
+    rng = random.Random(0)
+    toy = [make_pair(rng) for _ in range(200)]
+    if upper:  # the same sentences in capitals: other pieces, as many of them
+        toy = [(s.upper(), t.upper()) for s, t in toy]
+    return datasets.Dataset.from_dict({"src": [s for s, _ in toy], "tgt": [t for _, t in toy]})
+
+
+def test_the_fingerprint_is_the_same_for_the_same_models_however_often_loaded(tmp_path):
+    trained = train_tokenizer(toy_pairs(), TokenizerConfig(vocab_size=40), tmp_path)
+    first, second = Tokenizer.load(tmp_path), Tokenizer.load(tmp_path)
+    assert first is not second and first.src is first.tgt  # joint
+    assert trained.fingerprint() == first.fingerprint() == second.fingerprint()
+    assert len(first.fingerprint()) == 16 and int(first.fingerprint(), 16) >= 0
+    # Computed once: a second call does not read the pieces again.
+    first.src = first.tgt = None
+    assert first.fingerprint() == second.fingerprint()
+
+
+def test_the_fingerprint_differs_for_other_pieces_of_the_same_number(tmp_path):
+    lower = train_tokenizer(toy_pairs(), TokenizerConfig(vocab_size=40), tmp_path / "lower")
+    upper = train_tokenizer(toy_pairs(upper=True), TokenizerConfig(vocab_size=40),
+                            tmp_path / "upper")
+    assert lower.src_vocab_size == upper.src_vocab_size == 40
+    assert lower.fingerprint() != upper.fingerprint()
+    # Either side's model swapped for another of the same size changes it too.
+    mixed = Tokenizer(lower.src, upper.tgt)
+    assert len({lower.fingerprint(), upper.fingerprint(), mixed.fingerprint()}) == 3
+    assert Tokenizer(lower.src, lower.tgt).fingerprint() == lower.fingerprint()
