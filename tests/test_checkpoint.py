@@ -5,17 +5,21 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from conftest import small_settings, write_config, write_corpus
 from traduire import files
 from traduire.checkpoint import (
     FORMAT_VERSION,
     TrainState,
     average_checkpoints,
     average_last,
+    check_vocabulary,
     load_checkpoint,
     load_latest,
     prune_checkpoints,
@@ -23,6 +27,7 @@ from traduire.checkpoint import (
     remove_leftovers,
     restore_training,
     rng_state,
+    save_average,
     save_checkpoint,
     set_rng_state,
     step_checkpoints,
@@ -30,6 +35,7 @@ from traduire.checkpoint import (
 )
 from traduire.config import load_config
 from traduire.errors import CheckpointError
+from traduire.tokenizer import Tokenizer
 
 
 def sample_state(seed: int = 0) -> dict:
@@ -315,8 +321,10 @@ def test_a_training_checkpoint_restores_model_optimizer_state_and_random_stream(
     other_rank = rng_state(torch.device("cpu"))
     torch.manual_seed(123)
     saved = training_checkpoint(model, optimizer, scaler, state,
-                                [rng_state(torch.device("cpu")), other_rank], config)
+                                [rng_state(torch.device("cpu")), other_rank], config,
+                                "0123456789abcdef")
     assert saved["world_size"] == 2 and saved["config"] == config.to_dict()
+    assert saved["vocabulary"] == "0123456789abcdef"
     save_checkpoint(tmp_path / "step_12.pt", saved)
     expected_draw = torch.rand(3)
 
@@ -433,3 +441,100 @@ def test_average_last_writes_the_mean_of_the_newest_periodic_checkpoints(tmp_pat
     torch.save({**sample_state(4), "format_version": 0}, checkpoints / "step_00000004.pt")
     average_last(checkpoints, 1, tmp_path / "old.pt")
     assert load_checkpoint(tmp_path / "old.pt")["format_version"] == FORMAT_VERSION
+
+
+# --- the vocabulary a checkpoint was trained with ----------------------------------------------
+
+
+def tokenizer_with(fingerprint: str) -> SimpleNamespace:
+    return SimpleNamespace(fingerprint=lambda: fingerprint)
+
+
+def test_check_vocabulary_refuses_another_vocabulary_in_one_line_naming_both(tmp_path):
+    checkpoint, tokenizer_dir = tmp_path / "b" / "best.pt", tmp_path / "a" / "tokenizer"
+    state = {**sample_state(), "vocabulary": "1a2b000000000000"}
+    with pytest.raises(CheckpointError) as info:
+        check_vocabulary(state, tokenizer_with("3c4d000000000000"), checkpoint, tokenizer_dir)
+    assert str(info.value) == (
+        f"{checkpoint}: trained with another vocabulary (fingerprint 1a2b000000000000) than "
+        f"{tokenizer_dir} (3c4d000000000000); use it with the run that wrote it")
+
+
+def test_check_vocabulary_accepts_the_same_vocabulary_and_older_checkpoints(tmp_path):
+    tokenizer = tokenizer_with("1a2b000000000000")
+    check_vocabulary({**sample_state(), "vocabulary": "1a2b000000000000"}, tokenizer,
+                     tmp_path / "best.pt", tmp_path / "tokenizer")
+    check_vocabulary(sample_state(), tokenizer, tmp_path / "best.pt", tmp_path / "tokenizer")
+
+
+def test_an_average_keeps_the_vocabulary_and_refuses_to_mix_two(tmp_path):
+    paths = {}
+    for name, vocabulary in (("a", "aaaa"), ("b", "aaaa"), ("old", None), ("other", "bbbb")):
+        state = sample_state(len(paths))
+        if vocabulary:
+            state["vocabulary"] = vocabulary
+        paths[name] = tmp_path / f"{name}.pt"
+        save_checkpoint(paths[name], state)
+    save_average(tmp_path / "avg.pt", average_checkpoints([paths["a"], paths["b"]]))
+    assert load_checkpoint(tmp_path / "avg.pt")["vocabulary"] == "aaaa"
+    # One written before checkpoints carried it goes with any (first or not).
+    assert average_checkpoints([paths["old"], paths["a"]])["vocabulary"] == "aaaa"
+    assert average_checkpoints([paths["a"], paths["old"]])["vocabulary"] == "aaaa"
+    assert "vocabulary" not in average_checkpoints([paths["old"], paths["old"]])
+    with pytest.raises(CheckpointError) as info:
+        average_checkpoints([paths["old"], paths["a"], paths["other"]])
+    assert str(info.value) == (f"{paths['other']}: trained with another vocabulary (fingerprint "
+                               f"bbbb) than {paths['a']} (aaaa); average checkpoints of one run")
+
+
+@pytest.fixture(scope="module")
+def capitals_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(config path, run dir) of a run trained for 2 steps on the toy corpus in capitals: a
+    tokenizer of as many pieces as the small run's (40), other pieces."""
+    from traduire.pipeline import run
+
+    root = tmp_path_factory.mktemp("capitals")
+    data = write_corpus(root / "data")
+    for path in data.iterdir():
+        path.write_text(path.read_text("utf-8").upper(), "utf-8")
+    config_path = write_config(root / "capitals.yaml", small_settings(
+        data, train={"max_steps": 2, "save_every": 2}))
+    run(load_config(config_path), root / "run")
+    return config_path, root / "run"
+
+
+def test_a_checkpoint_of_another_vocabulary_of_the_same_size_is_refused(small_run,
+                                                                        capitals_run):
+    from traduire.translate import Translator
+
+    run_a, run_b = small_run[1], capitals_run[1]
+    ours, theirs = Tokenizer.load(run_a / "tokenizer"), Tokenizer.load(run_b / "tokenizer")
+    assert ours.src_vocab_size == theirs.src_vocab_size
+    assert ours.fingerprint() != theirs.fingerprint()
+    foreign = step_checkpoints(run_b / "checkpoints")[-1]
+    assert load_checkpoint(foreign)["vocabulary"] == theirs.fingerprint()
+    for checkpoint in (run_a / "best.pt", run_a / "checkpoints" / "step_00000006.pt"):
+        assert load_checkpoint(checkpoint)["vocabulary"] == ours.fingerprint()
+    with pytest.raises(CheckpointError) as info:
+        Translator.load(run_a, checkpoint=foreign, device="cpu")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{foreign}: trained with another vocabulary")
+    assert f"than {run_a / 'tokenizer'} ({ours.fingerprint()})" in message
+    assert theirs.fingerprint() in message
+
+
+def test_resuming_with_another_tokenizer_is_refused(small_run, capitals_run, tmp_path):
+    from traduire.pipeline import run
+
+    config_path, base = small_run
+    run_dir = Path(shutil.copytree(base, tmp_path / "run"))
+    shutil.rmtree(run_dir / "tokenizer")
+    shutil.copytree(capitals_run[1] / "tokenizer", run_dir / "tokenizer")
+    before = (run_dir / "checkpoints" / "step_00000006.pt").read_bytes()
+    with pytest.raises(CheckpointError) as info:
+        run(load_config(config_path), run_dir)
+    assert str(info.value).startswith(f"{run_dir / 'checkpoints'}: trained with another "
+                                      f"vocabulary (fingerprint ")
+    assert f"than {run_dir / 'tokenizer'} (" in str(info.value)
+    assert (run_dir / "checkpoints" / "step_00000006.pt").read_bytes() == before

@@ -4,7 +4,9 @@ pruned and averaged.
 A checkpoint is written atomically (files.atomic_write_bytes: a crash or a full disk leaves the
 previous one intact) and read with `weights_only=True`: a checkpoint is data, and loading one
 can never run code. It holds the model, the optimizer, the loss scaler, the `TrainState`, the
-random state of every rank, the config and the world size it was written at.
+random state of every rank, the config, the world size it was written at and the fingerprint
+of its vocabulary (Tokenizer.fingerprint): weights trained with one tokenizer mean nothing with
+another of the same size, and would load without complaint.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +25,9 @@ import torch
 from traduire.config import Config, config_from_dict
 from traduire.errors import CheckpointError
 from traduire.files import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from traduire.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 CHECKPOINT_PATTERN = re.compile(r"step_(\d+)\.pt")
@@ -69,11 +74,26 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
 
 def training_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         scaler: torch.amp.GradScaler, state: TrainState,
-                        rng: list[dict[str, torch.Tensor]], config: Config) -> dict[str, Any]:
-    """Everything a run needs to continue: `rng` holds every rank's random state, by rank."""
+                        rng: list[dict[str, torch.Tensor]], config: Config, vocabulary: str
+                        ) -> dict[str, Any]:
+    """Everything a run needs to continue: `rng` holds every rank's random state, by rank;
+    `vocabulary` is the tokenizer's fingerprint, checked by check_vocabulary on load."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "train_state": vars(state).copy(), "rng": rng,
-            "config": config.to_dict(), "world_size": len(rng)}
+            "config": config.to_dict(), "world_size": len(rng), "vocabulary": vocabulary}
+
+
+def check_vocabulary(state: dict[str, Any], tokenizer: Tokenizer, checkpoint: Path,
+                     tokenizer_dir: Path) -> None:
+    """Raise CheckpointError, naming both, if the checkpoint `state` (read from `checkpoint`)
+    was trained with another vocabulary than `tokenizer` (loaded from `tokenizer_dir`). A
+    checkpoint written before checkpoints carried the fingerprint is accepted unchecked: there
+    is nothing to compare."""
+    stored = state.get("vocabulary")
+    if stored is not None and stored != tokenizer.fingerprint():
+        raise CheckpointError(f"{checkpoint}: trained with another vocabulary (fingerprint "
+                              f"{stored}) than {tokenizer_dir} ({tokenizer.fingerprint()}); "
+                              "use it with the run that wrote it")
 
 
 def restore_training(saved: dict[str, Any], model: torch.nn.Module,
@@ -197,21 +217,34 @@ def prune_checkpoints(directory: Path, keep_last: int) -> None:
 
 def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
     """Element-wise mean of the model weights of several checkpoints (Vaswani et al. average
-    the last 5 or 20); the first checkpoint supplies everything else."""
+    the last 5 or 20); the first checkpoint supplies everything else. Checkpoints of different
+    vocabularies are refused; one without a fingerprint goes with any (a run resumed after
+    checkpoints began to carry it has some of each)."""
     if not paths:
         raise CheckpointError("no checkpoints to average")
     first = load_checkpoint(paths[0])
     total = {k: v.double() for k, v in first["model"].items()}
+    # The first fingerprint found and where: the average carries it.
+    vocabulary, vocabulary_path = first.get("vocabulary"), paths[0]
     for path in paths[1:]:
-        weights = load_checkpoint(path)["model"]
+        state = load_checkpoint(path)
+        weights, other = state["model"], state.get("vocabulary")
         if weights.keys() != total.keys():
             raise CheckpointError(f"{path}: different model parameters than {paths[0]}")
+        if vocabulary is None:
+            vocabulary, vocabulary_path = other, path
+        elif other is not None and other != vocabulary:
+            raise CheckpointError(f"{path}: trained with another vocabulary (fingerprint "
+                                  f"{other}) than {vocabulary_path} ({vocabulary}); average "
+                                  "checkpoints of one run")
         for k, v in weights.items():
             total[k] += v.double()
     first["model"] = {k: (v / len(paths)).to(first["model"][k].dtype) for k, v in total.items()}
     for key in ("optimizer", "rng"):
         first.pop(key, None)  # an average is for translating, not for resuming
     first["averaged_from"] = [str(p) for p in paths]
+    if vocabulary is not None:
+        first["vocabulary"] = vocabulary
     return first
 
 
