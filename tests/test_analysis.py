@@ -18,8 +18,9 @@ from traduire.analysis import (
     word_labels,
 )
 from traduire.errors import TraduireError
-from traduire.model import Attention, Transformer, TransformerShape
-from traduire.translate import DecodeOptions, translate_file
+from traduire.model import AttentionWeights, Transformer, TransformerShape
+from traduire.translate import DecodeOptions
+from traduire.translate_files import translate_file
 
 SENTENCES = ["the big dog sleeps here", "a cat runs", "the small red bird sings today"]
 
@@ -42,7 +43,7 @@ def test_attention_rows_sum_to_one_and_respect_masks():
                                          decoder_layers=2, max_positions=32)).eval()
     src = torch.tensor([[5, 6, 7, 3], [8, 3, 0, 0]])  # second row: two pads
     tgt_in = torch.tensor([[2, 9, 10], [2, 11, 12]])
-    attention = Attention([], [], [])
+    attention = AttentionWeights([], [], [])
     with torch.no_grad():
         model(src, tgt_in, attention=attention)
     real = (src != 0)[:, None, None, :]  # (batch, 1, 1, src_len)
@@ -65,7 +66,7 @@ def test_asking_for_weights_changes_nothing(translator):
     tgt_in = torch.tensor([[tok.bos_id, 5, 6, 7]] * len(SENTENCES))
     with torch.no_grad():
         plain = model(src, tgt_in)
-        watched = model(src, tgt_in, attention=Attention([], [], []))
+        watched = model(src, tgt_in, attention=AttentionWeights([], [], []))
     torch.testing.assert_close(plain, watched, atol=1e-5, rtol=1e-5)
     # Translating with confidence (which runs the forward pass with weights) gives the same
     # translations and scores as without it.
@@ -168,7 +169,8 @@ def test_score_pairs_figures_agree(translator):
     assert a.perplexity == pytest.approx(math.exp(-a.logprob / len(a.pieces)))
     record = b.as_record()
     assert record["tokens"][-1][0] == "</s>" and record["logprob"] < 0
-    with pytest.raises(TraduireError, match="2 source lines but 1 target lines"):
+    with pytest.raises(TraduireError,
+                       match="the source list has 2 lines but the target list has 1"):
         translator.score(["a", "b"], ["c"])
 
 
@@ -180,7 +182,7 @@ def coverage_by_word(model, tok, src_ids: list[int], output: list[int]) -> list[
     """The cross-attention each source word received from `output` (and its EOS), summed over
     the output steps and averaged over layers and heads: one sentence alone, one full forward
     pass, words read off the pieces' "▁" marks."""
-    attention = Attention([], [], [])
+    attention = AttentionWeights([], [], [])
     model(torch.tensor([src_ids + [tok.eos_id]]), torch.tensor([[tok.bos_id] + output]),
           attention=attention)
     per_piece = torch.stack(attention.decoder_cross)[:, 0].sum(2).mean((0, 1)).tolist()

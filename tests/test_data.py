@@ -238,7 +238,7 @@ def test_dedupe_keeps_first_occurrences_and_the_counts_add_up():
 
 
 def test_cleaning_in_several_processes_gives_the_same_result(monkeypatch):
-    from traduire import device
+    from traduire import runtime
 
     rng = random.Random(3)
     words = ["a", "b", "c", "d", " ", "\t", "\u00a0"]
@@ -249,7 +249,7 @@ def test_cleaning_in_several_processes_gives_the_same_result(monkeypatch):
                                           "tgt": [t for _, t in pairs]})
     cfg = DataConfig(dir="x", max_words=5, max_ratio=2.0)
     one = clean(dataset, cfg, workers=1)
-    monkeypatch.setattr(device, "ROWS_PER_PROCESS", 40)  # 300 pairs: 3 processes of 100
+    monkeypatch.setattr(runtime, "ROWS_PER_PROCESS", 40)  # 300 pairs: 3 processes of 100
     three = clean(dataset, cfg, workers=3)
     assert one[1] == three[1] and set(one[1]) == {"empty", "too_long", "length_ratio",
                                                   "duplicate"}

@@ -46,7 +46,8 @@ def test_scores_equal_sacrebleus_own_command_line(files):
 
 def test_line_count_mismatch_names_both_counts(files):
     hyp, ref = files
-    with pytest.raises(DataError, match="3 hypotheses but 4 references"):
+    with pytest.raises(DataError,
+                       match="the hypothesis list has 3 lines but the reference list has 4"):
         score(read_text(hyp)[:3], read_text(ref))
     ref.write_text("\n".join(REFERENCES[:3]) + "\n", encoding="utf-8")
     result = CliRunner().invoke(app, ["eval", "--hyp", str(hyp), "--ref", str(ref)])

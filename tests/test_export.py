@@ -17,7 +17,8 @@ ctranslate2 = pytest.importorskip("ctranslate2")
 
 from traduire.analysis import score_ids  # noqa: E402
 from traduire.batch import output_limits, source_batch  # noqa: E402
-from traduire.export import CTranslate2Translator, export_ctranslate2  # noqa: E402
+from traduire.ctranslate2_engine import CTranslate2Engine  # noqa: E402
+from traduire.export import export_ctranslate2  # noqa: E402
 from traduire.model import Transformer  # noqa: E402
 from traduire.search import beam_search  # noqa: E402
 
@@ -62,12 +63,20 @@ def test_exported_model_scores_like_the_original(base, tmp_path, norm, activatio
         assert other.log_probs == pytest.approx(mine, abs=1e-4)  # target tokens, then EOS
 
 
+def searching_with_ctranslate2(translator: Translator, model_dir) -> Translator:
+    """`translator` with its search in CTranslate2 on the model exported to `model_dir`."""
+    engine = CTranslate2Engine(
+        ctranslate2.Translator(str(model_dir), device="cpu", intra_threads=1),
+        translator.tokenizer, translator.model.shape.max_positions, "default")
+    return Translator(translator.model, translator.tokenizer, translator.config,
+                      translator.device, translator.checkpoint, engine)
+
+
 @pytest.mark.parametrize(("norm", "activation"), [("pre", "relu"), ("post", "gelu")])
 def test_ctranslate2_greedy_search_equals_traduire_greedy(base, tmp_path, norm, activation):
     translator = random_variant(base, norm, activation)
     export_ctranslate2(translator, tmp_path / "ct2")
-    engine = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu", intra_threads=1)
-    ct2 = CTranslate2Translator(translator, engine, "default")
+    ct2 = searching_with_ctranslate2(translator, tmp_path / "ct2")
     options = DecodeOptions(beam=1, lenpen=0.0, max_len_a=0.0, max_len_b=12)
     ours = list(translator.translate_lines(SOURCES, options))
     theirs = list(ct2.translate_lines(SOURCES, options))
@@ -106,8 +115,7 @@ def test_ctranslate2_beam_search_is_traduires_on_the_renormalised_distribution(
     translator = Translator.load(learned_run, learned_run / "checkpoints" / f"step_{step:08d}.pt",
                                  device="cpu", precision="fp32")
     export_ctranslate2(translator, tmp_path / "ct2")
-    engine = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu", intra_threads=1)
-    ct2 = CTranslate2Translator(translator, engine, "default")
+    ct2 = searching_with_ctranslate2(translator, tmp_path / "ct2")
     tok = translator.tokenizer
     src_ids, _ = translator.encode(toy_sentences())
     src = source_batch(src_ids, pad=tok.pad_id, eos=tok.eos_id)

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from traduire.translate import DecodeOptions, Translator, translate_file
+from traduire.translate import DecodeOptions, Translator
+from traduire.translate_files import translate_file
 
 
 # The same small run as test_reliability.py (shared through the session's base temp dir).

@@ -1,35 +1,29 @@
-"""Tests for traduire.kernels: each speed path computes the same function as its plain form,
-and the process settings are applied only when asked for."""
+"""Tests for traduire.kernels: each speed path computes the same function as its plain form."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from traduire import kernels
-from traduire.kernels import Dropout, causal_mask, dropout, explicit_attention, top_per_row
+from traduire.kernels import Dropout, dropout, fused_attention, top_per_row
+from traduire.model import attention, causal_mask
 
 # --- attention ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_explicit_and_fused_attention_agree(causal):
-    """CPUs take the explicit attention path, GPUs the fused kernel: same values and same
-    gradients, with padding or causality."""
+def test_fused_attention_computes_the_papers_equation(causal):
+    """The fused kernel gives model.attention's values and gradients, with padding, with a
+    causal mask, and with causality as a flag (how fp32 training on CPU and GPUs call it)."""
     gen = torch.Generator().manual_seed(19)
     q, k, v = (torch.randn(3, 4, 6, 8, generator=gen, requires_grad=True) for _ in range(3))
     mask = torch.ones(3, 1, 1, 6, dtype=torch.bool)
     mask[0, ..., 4:] = False
     if causal:
         mask = causal_mask(6, 6, torch.device("cpu"), mask)
-    explicit, weights = explicit_attention(q, k, v, mask)
-    fused = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    explicit, weights = attention(q, k, v, mask)
+    fused = fused_attention(q, k, v, mask, causal=False, dropout_p=0.0)
     torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-5)
     assert weights[0, :, :, 4:].eq(0).all()
     if causal:
@@ -38,6 +32,21 @@ def test_explicit_and_fused_attention_agree(causal):
     fused_grads = torch.autograd.grad(fused.square().sum(), (q, k, v))
     for got, want in zip(grads, fused_grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    if causal:  # the flag alone: the same as the lower-triangular mask
+        flagged = fused_attention(q, k, v, None, causal=True, dropout_p=0.0)
+        masked, _ = attention(q, k, v, causal_mask(6, 6, torch.device("cpu")))
+        torch.testing.assert_close(flagged, masked, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="square without a mask"):
+            fused_attention(q, k, v, mask, causal=True, dropout_p=0.0)
+
+
+def test_fused_attention_is_chosen_for_fp32_training_on_cpu_only():
+    x = torch.randn(2, 2, 3, 4)
+    assert not kernels.fused_attention_wins(x)  # decoding
+    assert kernels.fused_attention_wins(x.requires_grad_())
+    assert not kernels.fused_attention_wins(x.detach().bfloat16().requires_grad_())
+    with torch.no_grad():
+        assert not kernels.fused_attention_wins(x)
 
 
 # --- dropout -----------------------------------------------------------------------------------
@@ -96,83 +105,3 @@ def test_top_per_row_equals_topk(rows: int, vocab: int, k: int) -> None:
     torch.testing.assert_close(scores.gather(1, index), expected.values)
     finite = expected.values.isfinite()
     assert torch.equal(index[finite], expected.indices[finite])
-
-
-# --- hardware and process settings -------------------------------------------------------------
-
-
-def test_bf16_is_native_on_ampere_and_newer_gpus_only_asking_about_the_device_in_use(
-        monkeypatch):
-    asked = []
-    capabilities = {0: (7, 5), 1: (8, 0), 2: (9, 0)}  # Turing emulates bf16; Ampere, Hopper
-    monkeypatch.setattr(torch.cuda, "get_device_capability",
-                        lambda index: asked.append(index) or capabilities[index])
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # not asked
-    assert not kernels.native_bf16(torch.device("cuda", 0))
-    assert kernels.native_bf16(torch.device("cuda", 1))
-    assert kernels.native_bf16(torch.device("cuda"))  # the current device: 2
-    assert asked == [0, 1, 2]
-
-
-@pytest.mark.parametrize(("amx", "avx512_bf16", "native"), [(True, False, True),
-                                                           (False, True, True),
-                                                           (False, False, False)])
-def test_bf16_on_cpu_follows_the_cpu_probes(monkeypatch, amx, avx512_bf16, native):
-    monkeypatch.setattr(kernels, "cpu_features", lambda: {"avx2": True, "avx512f": True,
-                                                          "amx": amx,
-                                                          "avx512_bf16": avx512_bf16})
-    assert kernels.native_bf16(torch.device("cpu")) is native
-
-
-def test_an_avx2_capability_hides_avx512_and_amx():
-    probe = ("import json; from traduire.kernels import cpu_features; "
-             "print(json.dumps(cpu_features()))")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            env={"ATEN_CPU_CAPABILITY": "avx2", "PATH": "/usr/bin:/bin"},
-                            timeout=120)
-    features = json.loads(result.stdout)
-    assert features == {"avx2": True, "avx512f": False, "avx512_bf16": False, "amx": False}
-
-
-def test_allocator_setting_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv("TRADUIRE_SYSTEM_MALLOC", "1")
-    assert kernels.tune_allocator() is False
-    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
-    kernels.tune_onednn()
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"  # the user's value wins
-
-
-def test_data_preparation_runs_with_glibcs_allocator_settings(monkeypatch, tmp_path):
-    """The tuned allocator keeps freed memory; data preparation gets glibc's settings back for
-    its duration, and training gets the tuned ones again after it."""
-    from conftest import tiny_settings, write_config, write_corpus
-    from traduire import pipeline
-    from traduire.config import load_config
-
-    calls = []
-    monkeypatch.delenv("TRADUIRE_SYSTEM_MALLOC", raising=False)
-    monkeypatch.setattr(kernels, "_mallopt", lambda p, v: calls.append((p, v)) or True)
-    monkeypatch.setattr(kernels, "_allocator_tuned", False)
-    assert kernels.tune_allocator() is True
-    tuned = calls[:]
-    assert tuned == [(kernels._M_MMAP_MAX, 0), (kernels._M_TRIM_THRESHOLD, 2**31 - 1)]
-
-    during = []
-    real_prepare = pipeline.prepare_data
-
-    def prepare_data(*args):
-        during.append(calls[len(tuned):])
-        return real_prepare(*args)
-
-    monkeypatch.setattr(pipeline, "prepare_data", prepare_data)
-    config = load_config(write_config(tmp_path / "c.yaml",
-                                      tiny_settings(write_corpus(tmp_path / "data"))))
-    pipeline.prepare(config, tmp_path / "run")
-    assert during == [[(kernels._M_MMAP_MAX, 65536), (kernels._M_TRIM_THRESHOLD, 128 * 1024)]]
-    assert calls[-2:] == tuned and kernels._allocator_tuned
-    calls.clear()
-    monkeypatch.setattr(kernels, "_allocator_tuned", False)  # never tuned: nothing is changed
-    with kernels.default_allocator():
-        pass
-    assert calls == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from traduire.model import Attention, Transformer, TransformerShape
+from traduire.model import AttentionWeights, Transformer, TransformerShape
 
 PAD, BOS, EOS = 0, 2, 3
 VOCAB = 48
@@ -145,7 +145,7 @@ def test_hypotheses_sharing_a_source_equal_their_own_copies(norm):
     memory, src_mask = model.encode(src)
     group = 3
     copies = torch.arange(2).repeat_interleave(group)
-    shared, copied = Attention([], [], []), Attention([], [], [])
+    shared, copied = AttentionWeights([], [], []), AttentionWeights([], [], [])
     logits = model.decode(tgt, memory, src_mask, attention=shared)
     expected = model.decode(tgt, memory[copies], src_mask[copies], attention=copied)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
@@ -163,7 +163,7 @@ def test_attention_weights(norm):
     src[0, 4:] = PAD
     tgt = torch.cat([torch.full((2, 1), BOS), random_tokens(2, 4, seed=13)], dim=1)
     plain = model(src, tgt)
-    attention = Attention([], [], [])
+    attention = AttentionWeights([], [], [])
     logits = model(src, tgt, attention=attention)
     torch.testing.assert_close(logits, plain, atol=1e-5, rtol=1e-5)
 

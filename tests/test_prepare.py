@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_pair, tiny_settings, write_config
-from traduire import device, distributed
+from traduire import distributed, runtime
 from traduire.batch import length_order
 from traduire.checkpoint import step_checkpoints
 from traduire.config import config_from_dict
@@ -81,7 +81,7 @@ def test_prepare_gives_the_same_results_for_one_and_two_workers(tmp_path, corpus
         fr.write("le chien court\nle chat\nchien\nle grand chien court ici maintenant\n")
     config = write_config(tmp_path / "c.yaml", tiny_settings(corpus_dir,
                                                              data={"max_ratio": 4.0}))
-    monkeypatch.setattr(device, "ROWS_PER_PROCESS", 50)  # two for the 204 training pairs
+    monkeypatch.setattr(runtime, "ROWS_PER_PROCESS", 50)  # two for the 204 training pairs
     prepare(config, tmp_path / "one", ["data.workers=1"])
     prepare(config, tmp_path / "two", ["data.workers=2"])
     one, two = prepared_files(tmp_path / "one"), prepared_files(tmp_path / "two")
@@ -164,9 +164,9 @@ if os.environ.get("RANK") == "0":
     import time
 
     import traduire.data
-    import traduire.device
+    import traduire.runtime
 
-    traduire.device.ROWS_PER_PROCESS = 50
+    traduire.runtime.ROWS_PER_PROCESS = 50
     original = traduire.data.clean
 
     def slow_clean(pairs, *args, **kwargs):

@@ -11,7 +11,7 @@ import pytest
 import sentencepiece as spm
 
 from conftest import make_pair
-from traduire import device
+from traduire import runtime
 from traduire.config import TokenizerConfig
 from traduire.errors import ConfigError, TraduireError
 from traduire.tokenizer import Tokenizer, encode_corpus, sample_sentences, train_tokenizer
@@ -99,7 +99,7 @@ def test_encoding_gives_the_same_ids_in_one_or_two_processes(tmp_path, monkeypat
     text = [" ".join(rng.choice(words, rng.integers(1, 9))) for _ in range(300)]
     pairs = datasets.Dataset.from_dict({"src": text[:150], "tgt": text[150:]})
     tokenizer = train_tokenizer(pairs, TokenizerConfig(vocab_size=30), tmp_path / "tok")
-    monkeypatch.setattr(device, "ROWS_PER_PROCESS", 20)
+    monkeypatch.setattr(runtime, "ROWS_PER_PROCESS", 20)
     one = encode_corpus(pairs, tokenizer, tmp_path / "one.arrow", workers=1)
     two = encode_corpus(pairs, tokenizer, tmp_path / "two.arrow", workers=2)
     assert len(list(tmp_path.glob("two_*.arrow"))) == 2  # really two processes

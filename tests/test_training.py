@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from conftest import make_pair, tiny_settings, write_config, write_corpus
 from traduire.batch import collate
 from traduire.checkpoint import load_checkpoint, step_checkpoints
-from traduire.config import load_config
+from traduire.config import TrainConfig, load_config
+from traduire.loading import build_model
 from traduire.pipeline import run
-from traduire.training import build_model, inverse_sqrt_lr
+from traduire.training import learning_rate
 
 PAD, BOS, EOS = 0, 2, 3
 
@@ -60,6 +61,11 @@ def test_tiny_model_overfits_twenty_pairs(tiny_config_path):
 
 
 # --- learning rate -----------------------------------------------------------------------------
+
+
+def inverse_sqrt_lr(step: int, peak: float, warmup: int) -> float:
+    return learning_rate(step, TrainConfig(lr=peak, warmup_steps=warmup,
+                                           schedule="inverse_sqrt"))
 
 
 def test_inverse_sqrt_lr_warmup_and_decay():
@@ -220,8 +226,6 @@ def train_records(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_decaying_schedules_warm_up_then_reach_min_lr(schedule, tiny_config_path):
-    from traduire.training import learning_rate
-
     cfg = load_config(tiny_config_path, [f"train.schedule={schedule}", "train.lr=1e-3",
                                          "train.warmup_steps=10", "train.decay_steps=110",
                                          "train.min_lr=1e-5"]).train

@@ -9,7 +9,7 @@ each name loads its module when first used):
     t.translate(["A dog runs on the beach."])
 
 `traduire.configure_runtime()` applies the process-wide settings the command line uses for
-speed (glibc allocator, oneDNN cache; see kernels.py).
+speed (glibc allocator, oneDNN cache; see runtime.py).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ __all__ = ["Translator", "configure_runtime", "load_config", "prepare", "train"]
 
 if TYPE_CHECKING:
     from traduire.config import load_config
-    from traduire.kernels import configure_runtime
     from traduire.pipeline import prepare, train
+    from traduire.runtime import configure_runtime
     from traduire.translate import Translator
 
 # traduire.train is the pipeline's function; the training loop's module is traduire.training.
 _WHERE = {"Translator": "traduire.translate", "train": "traduire.pipeline",
           "prepare": "traduire.pipeline", "load_config": "traduire.config",
-          "configure_runtime": "traduire.kernels"}
+          "configure_runtime": "traduire.runtime"}
 
 
 def __getattr__(name: str) -> Any:

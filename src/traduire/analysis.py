@@ -28,7 +28,8 @@ from torch import Tensor
 
 from traduire.batch import collate
 from traduire.errors import TraduireError
-from traduire.model import Attention, Transformer
+from traduire.files import check_line_counts
+from traduire.model import AttentionWeights, Transformer
 from traduire.search import Hypothesis
 from traduire.tokenizer import Tokenizer
 
@@ -138,7 +139,7 @@ class AttentionMap:
 
 def source_ids(model: Transformer, tokenizer: Tokenizer, sentence: str) -> list[int]:
     """A sentence's token ids, cut to what the model accepts (room left for EOS)."""
-    return tokenizer.encode_src([sentence])[0][:model.shape.max_positions - 1]
+    return tokenizer.encode_sources([sentence], model.shape.max_positions)[0][0]
 
 
 @torch.inference_mode()
@@ -170,12 +171,12 @@ def attention_map(model: Transformer, tokenizer: Tokenizer, sentence: str,
 
 
 def forward_attention(model: Transformer, tokenizer: Tokenizer, src_ids: list[list[int]],
-                      tgt_ids: list[list[int]]) -> Attention:
+                      tgt_ids: list[list[int]]) -> AttentionWeights:
     """One teacher-forced forward pass that keeps every attention weight."""
     tok = tokenizer
     batch = collate(src_ids, tgt_ids, pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id)
     batch = batch.to(next(model.parameters()).device)
-    attention = Attention([], [], [])
+    attention = AttentionWeights([], [], [])
     model(batch.src, batch.tgt_in, attention=attention)
     return attention
 
@@ -217,11 +218,11 @@ def score_pairs(model: Transformer, tokenizer: Tokenizer, sources: list[str],
     """Forced decoding: the log-probability of each target token (and of EOS) given the source
     and the target prefix, from batched teacher-forced forward passes. The figures are those
     beam search computes for the same output: log_softmax of the logits, nothing renormalised."""
-    if len(sources) != len(targets):
-        raise TraduireError(f"{len(sources)} source lines but {len(targets)} target lines")
+    check_line_counts("the source list", len(sources), "the target list", len(targets),
+                      "each source needs its target")
     tok = tokenizer
     limit = model.shape.max_positions
-    src_ids = [ids[:limit - 1] for ids in tok.encode_src(sources)]
+    src_ids, _ = tok.encode_sources(sources, limit)
     tgt_ids = tok.encode_tgt(targets)
     for number, ids in enumerate(tgt_ids, 1):
         if len(ids) + 1 > limit:

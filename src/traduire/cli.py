@@ -219,8 +219,8 @@ def translate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Translate a text file: exactly one output line per input line, in input order."""
-    from traduire.export import load_translator
-    from traduire.translate import translate_file
+    from traduire.translate import load_translator
+    from traduire.translate_files import translate_file
 
     translator = load_translator(run_dir, engine, engine_dir, checkpoint, device, precision)
     stats = translate_file(translator, input, output, options, format=format,
@@ -249,8 +249,8 @@ def eval(
     """Score translations with sacreBLEU (BLEU, chrF): an existing --hyp file, or translate
     --src with a run first."""
     from traduire.evaluate import report_lines, score_files
-    from traduire.export import load_translator
-    from traduire.translate import translate_and_score
+    from traduire.translate import load_translator
+    from traduire.translate_files import translate_and_score
 
     if hyp is not None:
         result = score_files(hyp, ref, ter)
@@ -394,7 +394,7 @@ def info(
 
 def main() -> None:
     """The `traduire` executable: the runtime settings for speed, then the command."""
-    from traduire.kernels import configure_runtime
+    from traduire.runtime import configure_runtime
 
     configure_runtime()
     app(prog_name="traduire")

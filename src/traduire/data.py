@@ -18,9 +18,9 @@ import datasets
 import numpy as np
 
 from traduire.config import DataConfig
-from traduire.device import processes
 from traduire.errors import DataError
-from traduire.files import read_lines
+from traduire.files import check_line_counts, read_lines
+from traduire.runtime import processes
 
 datasets.logging.set_verbosity_error()
 datasets.disable_progress_bars()
@@ -133,8 +133,8 @@ def _aligned_pairs(src: tuple[str, int, int], tgt: tuple[str, int, int], skip_in
         for number, (src_text, tgt_text) in enumerate(itertools.zip_longest(*sides), 1):
             if src_text is None or tgt_text is None:
                 counts = [sum(1 for _ in open(path, "rb")) for path in paths]
-                raise DataError(f"{paths[0]} has {counts[0]} lines but {paths[1]} has "
-                                f"{counts[1]}; aligned files need equal line counts")
+                check_line_counts(paths[0], counts[0], paths[1], counts[1],
+                                  "aligned files need equal line counts")
             invalid = number in invalid_at
             yield {"src": "" if invalid_at[0] == number else src_text,
                    "tgt": "" if invalid_at[1] == number else tgt_text, "invalid": invalid}

@@ -1,14 +1,11 @@
-"""Where and in what precision to compute: `device: auto` and `precision: auto` resolved, and
-the CPU cores the data stages may use."""
+"""Where and in what precision to compute: `device: auto` and `precision: auto` resolved, from
+what the hardware computes natively (the probes below)."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 
 from traduire.errors import TraduireError
-from traduire.kernels import int8_available, native_bf16
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -27,7 +24,7 @@ def resolve_device(name: str) -> torch.device:
 
 def training_precision(precision: str, device: torch.device) -> str:
     """The autocast precision to train in: auto is bf16 where `device` computes it natively
-    (see kernels.native_bf16), else fp32."""
+    (see native_bf16), else fp32."""
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return precision
@@ -53,28 +50,37 @@ def decoding_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-# --- CPU cores ---------------------------------------------------------------------------------
-
-# Below this many rows per process, `datasets` is given fewer processes (a small split runs in
-# this one): starting a worker costs more than it saves.
-ROWS_PER_PROCESS = 50_000
+# --- Hardware ----------------------------------------------------------------------------------
 
 
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity, e.g. a cluster job's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: an NVIDIA GPU of compute
+    capability 8.0 or newer (Ampere: bf16 tensor cores), or a CPU with AMX or AVX512-BF16.
+    Elsewhere bf16 is emulated and slower than fp32 (torch.cuda.is_bf16_supported() also says
+    yes for emulated bf16 on older GPUs, so it is not asked)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_capability(index) >= (8, 0)
+    if device.type != "cpu":
+        return False
+    return cpu_features()["amx"] or cpu_features()["avx512_bf16"]
 
 
-def data_workers(workers: int) -> int:
-    """`data.workers` resolved: 0 is every core this process may use."""
-    return workers or available_cores()
+def cpu_features() -> dict[str, bool]:
+    """The CPU's vector extensions that decide which speed path wins, as torch sees them (an
+    ATEN_CPU_CAPABILITY=avx2 setting hides AVX-512 and AMX, to imitate an older CPU)."""
+    capability = torch.backends.cpu.get_cpu_capability().lower()  # "avx2", "avx512", ...
+    avx512 = capability.startswith("avx512")
+    try:  # private probes (torch >= 2.3); without them, assume no
+        amx = bool(torch.cpu._is_amx_tile_supported())
+        avx512_bf16 = bool(torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        amx = avx512_bf16 = False
+    return {"avx2": capability.startswith(("avx2", "avx512")), "avx512f": avx512,
+            "avx512_bf16": avx512 and avx512_bf16, "amx": avx512 and amx}
 
 
-def processes(rows: int, workers: int) -> int | None:
-    """How many processes `datasets` should use on `rows` rows, at most `workers` (None: this
-    process alone)."""
-    n = min(workers, rows // ROWS_PER_PROCESS)
-    return n if n > 1 else None
+def int8_available() -> bool:
+    """Whether this torch has dynamically quantized linear layers for the CPU."""
+    return "fbgemm" in torch.backends.quantized.supported_engines or \
+        "x86" in torch.backends.quantized.supported_engines

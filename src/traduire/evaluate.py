@@ -10,24 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from sacrebleu.metrics import BLEU, CHRF, TER
 
 from traduire import distributed
-from traduire.batch import EncodedCorpus, sentence_batches, source_batch, token_batches
+from traduire.batch import EncodedCorpus, sentence_batches, token_batches
 from traduire.device import AUTOCAST_DTYPES
-from traduire.errors import DataError
-from traduire.files import read_text_lines
+from traduire.files import check_line_counts, read_text_lines
+from traduire.loss import token_cross_entropy
 from traduire.model import Transformer
-from traduire.search import beam_search, greedy
+from traduire.search import SearchOptions, decode
 from traduire.tokenizer import Tokenizer
 
 
 def score(hypotheses: list[str], references: list[str], ter: bool = False) -> dict[str, Any]:
     """Corpus-level scores of hypotheses against one reference each (lines aligned)."""
-    if len(hypotheses) != len(references):
-        raise DataError(f"{len(hypotheses)} hypotheses but {len(references)} references; "
-                        "they must be line-aligned")
+    check_line_counts("the hypothesis list", len(hypotheses), "the reference list",
+                      len(references), "they must be line-aligned")
     metrics: dict[str, Any] = {}
     bleu, chrf = BLEU(), CHRF()
     bleu_score = bleu.corpus_score(hypotheses, [references])
@@ -48,16 +46,11 @@ def sentence_chrf(hypothesis: str, reference: str) -> float:
     return CHRF().sentence_score(hypothesis, [reference]).score
 
 
-def check_aligned(hyp_path: Path | str, hyps: list[str], ref_path: Path, refs: list[str]) -> None:
-    if len(hyps) != len(refs):
-        raise DataError(f"{hyp_path} has {len(hyps)} lines but {ref_path} has {len(refs)}; "
-                        "hypotheses and references must be line-aligned")
-
-
 def score_files(hyp_path: Path, ref_path: Path, ter: bool = False) -> dict[str, Any]:
     """`traduire eval --hyp`: score a file of translations against a file of references."""
     hypotheses, references = read_text_lines(hyp_path), read_text_lines(ref_path)
-    check_aligned(hyp_path, hypotheses, ref_path, references)
+    check_line_counts(hyp_path, len(hypotheses), ref_path, len(references),
+                      "hypotheses and references must be line-aligned")
     return score(hypotheses, references, ter=ter)
 
 
@@ -93,30 +86,24 @@ def validate_loss(model: Transformer, data: EncodedCorpus, tokenizer: Tokenizer,
         batch = data.batch(part, pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id).to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(batch.src, batch.tgt_in)
-        nll += F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(),
-                               ignore_index=tok.pad_id, reduction="sum").item()
+        nll += token_cross_entropy(logits, batch.tgt_out, tok.pad_id).item()
         tokens += batch.num_tgt_tokens
     nll, tokens = distributed.all_reduce_sum([nll, tokens])
     loss = nll / max(tokens, 1)
     return loss, math.exp(min(loss, 100))
 
 
-@torch.inference_mode()
 def validation_translations(model: Transformer, data: EncodedCorpus, tokenizer: Tokenizer,
                             sentences: int, beam: int = 1) -> list[str]:
     """Translations of the first `sentences` validation pairs: greedy search for beam 1
     (exactly search.greedy), else beam search with translate's defaults."""
     model.eval()
-    device, tok = next(model.parameters()).device, tokenizer
-    indices = data.usable[:sentences]
-    src_ids = data.source_ids(indices)
+    options = SearchOptions(beam=1, lenpen=0.0) if beam == 1 else SearchOptions(beam=beam)
+    src_ids = data.source_ids(data.usable[:sentences])
     texts: list[str] = [""] * len(src_ids)
     for part in sentence_batches([len(s) for s in src_ids], batch_tokens=1 << 30, batch_size=64):
-        src = source_batch([src_ids[i] for i in part], pad=tok.pad_id, eos=tok.eos_id).to(device)
-        common = dict(bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id)
-        best = (greedy(model, src, **common) if beam == 1
-                else [hyps[0] for hyps in beam_search(model, src, beam=beam, **common)])
-        for i, text in zip(part, tok.decode_tgt([h.tokens for h in best])):
+        best = [hyps[0] for hyps in decode(model, tokenizer, [src_ids[i] for i in part], options)]
+        for i, text in zip(part, tokenizer.decode_tgt([h.tokens for h in best])):
             texts[i] = text
     return texts
 

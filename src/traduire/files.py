@@ -62,6 +62,15 @@ def read_text_lines(path: Path) -> list[str]:
         return list(read_lines(stream, on_invalid=refuse))
 
 
+def check_line_counts(first: Path | str, first_lines: int, second: Path | str,
+                      second_lines: int, hint: str) -> None:
+    """Raise DataError if two things that must be line-aligned (files, or lists of lines named
+    like "the source list") have different line counts, naming both and their counts."""
+    if first_lines != second_lines:
+        raise DataError(f"{first} has {first_lines} lines but {second} has {second_lines}; "
+                        f"{hint}")
+
+
 def open_input(path: Path) -> BinaryIO:
     """A file opened for reading in binary, or a DataError naming it."""
     try:

@@ -21,6 +21,9 @@ from traduire import kernels
 from traduire.config import ModelConfig, encoder_decoder_layers
 from traduire.kernels import Dropout
 
+# The defaults of every model setting are the config's: one place to read and change them.
+_DEFAULT = ModelConfig()
+
 
 @dataclass(frozen=True)
 class TransformerShape:
@@ -29,20 +32,20 @@ class TransformerShape:
 
     src_vocab_size: int
     tgt_vocab_size: int
-    d_model: int = 512
-    heads: int = 8
-    ffn_dim: int = 2048
-    encoder_layers: int = 6
-    decoder_layers: int = 6
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.0  # inside the feed-forward network, after the activation
-    activation: str = "relu"
-    norm: str = "pre"  # "pre" (LayerNorm before each sublayer) or "post" (as in the paper)
-    max_positions: int = 1024
+    d_model: int = _DEFAULT.d_model
+    heads: int = _DEFAULT.heads
+    ffn_dim: int = _DEFAULT.ffn_dim
+    encoder_layers: int = _DEFAULT.layers
+    decoder_layers: int = _DEFAULT.layers
+    dropout: float = _DEFAULT.dropout
+    attention_dropout: float = _DEFAULT.attention_dropout
+    activation_dropout: float = _DEFAULT.activation_dropout  # inside the FFN, after activation
+    activation: str = _DEFAULT.activation
+    norm: str = _DEFAULT.norm  # "pre" (LayerNorm before each sublayer) or "post" (the paper's)
+    max_positions: int = _DEFAULT.max_positions
     # One matrix for the source and target embeddings. The output projection is tied to the
     # target embedding whatever this says (section 3.4).
-    share_embeddings: bool = True
+    share_embeddings: bool = _DEFAULT.share_embeddings
     pad_id: int = 0
 
     @classmethod
@@ -102,10 +105,41 @@ class SinusoidalPositions(nn.Module):
 # --- Attention -------------------------------------------------------------------------------
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
+              dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Scaled dot-product attention (section 3.2.1):
+
+        Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V
+
+    for q (batch, heads, q_len, d_k) and k, v (batch, heads, k_len, d_k). Each query's scores
+    are scaled by 1/sqrt(d_k) so that their variance does not grow with d_k, which would push
+    the softmax into regions of tiny gradients. `mask` (boolean, broadcastable to (batch,
+    heads, q_len, k_len), True where attention is allowed) sets the scores of the keys a query
+    may not see to -inf, so they get zero weight. Dropout acts on the weights. The softmax runs
+    in float32 whatever the inputs' precision. Returns the output and the weights.
+    """
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return kernels.dropout(weights, dropout_p, dropout_p > 0).to(v.dtype) @ v, weights
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device, mask: Tensor | None = None
+                ) -> Tensor:
+    """Query i may see keys up to i: a lower-triangular mask, aligned so that the last query
+    sees the last key (as in a cached decoding step); combined with `mask` if given."""
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+    return causal if mask is None else mask & causal
+
+
 class MultiHeadAttention(nn.Module):
-    """Multi-head scaled dot-product attention (section 3.2): each of `heads` heads computes
-    softmax(Q K^T / sqrt(d_k)) V on its own d_model / heads dimensions (`kernels.attention`),
-    and the heads' outputs are concatenated and projected back to d_model.
+    """Multi-head attention (section 3.2.2): each of `heads` heads computes `attention` on its
+    own d_model / heads dimensions, and the heads' outputs are concatenated and projected back
+    to d_model:
+
+        MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W^O,
+        head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)
 
     Self-attention projects queries, keys and values with one packed matrix (one matrix product
     instead of three); cross-attention projects queries from the decoder and keys/values from
@@ -171,7 +205,16 @@ class MultiHeadAttention(nn.Module):
                 causal = causal and q.size(2) > 1
 
         dropout = self.dropout if self.training else 0.0
-        out, weights = kernels.attention(q, k, v, mask, causal, dropout, need_weights)
+        # The same function through torch's fused kernel where that measured faster; a plain
+        # causal square then stays a flag, since the fused kernels apply causality themselves.
+        fused = not need_weights and kernels.fused_attention_wins(q)
+        if causal and not (fused and mask is None and q.size(2) == k.size(2)):
+            mask, causal = causal_mask(q.size(2), k.size(2), q.device, mask), False
+        if fused:
+            out, weights = kernels.fused_attention(q, k, v, mask, causal, dropout), None
+        else:
+            out, weights = attention(q, k, v, mask, dropout)
+            weights = weights if need_weights else None
         out = out.transpose(1, 2).reshape(rows, q_len, self.heads * self.head_dim)
         if weights is not None and weights.size(0) != rows:  # grouped cross-attention
             weights = (weights.unflatten(2, (-1, q_len)).transpose(1, 2)
@@ -271,7 +314,7 @@ class DecoderLayer(nn.Module):
 
 
 @dataclass
-class Attention:
+class AttentionWeights:
     """Attention weights collected on request, one (batch, heads, q_len, k_len) tensor per layer."""
 
     encoder: list[Tensor]
@@ -309,7 +352,8 @@ class Decoder(nn.Module):
         self.final_norm = nn.LayerNorm(shape.d_model) if shape.norm == "pre" else nn.Identity()
 
     def forward(self, tgt: Tensor, memory: Tensor, src_mask: Tensor,
-                cache: DecoderCache | None = None, attention: Attention | None = None) -> Tensor:
+                cache: DecoderCache | None = None, attention: AttentionWeights | None = None
+                ) -> Tensor:
         offset = cache.length if cache is not None else 0
         x = self.dropout(self.embedding(tgt) + self.positions(tgt.size(1), offset))
         for i, layer in enumerate(self.layers):
@@ -380,14 +424,16 @@ class Transformer(nn.Module):
         """(batch, 1, 1, src_len) boolean mask: True on real tokens, False on padding."""
         return (src != self.shape.pad_id)[:, None, None, :]
 
-    def encode(self, src: Tensor, attention: Attention | None = None) -> tuple[Tensor, Tensor]:
+    def encode(self, src: Tensor, attention: AttentionWeights | None = None
+               ) -> tuple[Tensor, Tensor]:
         """Encode source ids (batch, src_len) into (memory, src_mask)."""
         src_mask = self.source_mask(src)
         memory = self.encoder(src, src_mask, attention.encoder if attention is not None else None)
         return memory, src_mask
 
     def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor,
-               cache: DecoderCache | None = None, attention: Attention | None = None) -> Tensor:
+               cache: DecoderCache | None = None, attention: AttentionWeights | None = None
+               ) -> Tensor:
         """Logits (batch, tgt_len, vocab) for the next token after each target prefix position.
 
         With a cache, `tgt` holds only the new positions; earlier ones come from the cache.
@@ -402,7 +448,8 @@ class Transformer(nn.Module):
         token scores."""
         return F.linear(hidden, self.decoder.embedding.weight)
 
-    def forward(self, src: Tensor, tgt_in: Tensor, attention: Attention | None = None) -> Tensor:
+    def forward(self, src: Tensor, tgt_in: Tensor, attention: AttentionWeights | None = None
+                ) -> Tensor:
         """Teacher-forced logits for target inputs `tgt_in` (BOS + target, without EOS)."""
         memory, src_mask = self.encode(src, attention)
         return self.decode(tgt_in, memory, src_mask, attention=attention)

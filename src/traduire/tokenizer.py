@@ -22,9 +22,9 @@ import numpy as np
 import sentencepiece as spm
 
 from traduire.config import TokenizerConfig
-from traduire.device import processes
 from traduire.errors import ConfigError, TraduireError
 from traduire.files import atomic_write_bytes
+from traduire.runtime import processes
 
 
 class Tokenizer:
@@ -70,6 +70,13 @@ class Tokenizer:
 
     def encode_src(self, texts: list[str]) -> list[list[int]]:
         return self.src.encode(texts)
+
+    def encode_sources(self, texts: list[str], max_positions: int
+                       ) -> tuple[list[list[int]], list[bool]]:
+        """Source token ids of each text, cut to what a model of `max_positions` accepts (room
+        left for the EOS it appends); and which texts were cut."""
+        ids, limit = self.encode_src(texts), max_positions - 1
+        return [s[:limit] for s in ids], [len(s) > limit for s in ids]
 
     def encode_tgt(self, texts: list[str]) -> list[list[int]]:
         return self.tgt.encode(texts)

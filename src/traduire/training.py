@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from traduire import distributed
@@ -35,6 +34,7 @@ from traduire.batch import (
 from traduire.checkpoint import (
     TrainState,
     average_checkpoints,
+    check_vocabulary,
     load_latest,
     prune_checkpoints,
     rank_seed,
@@ -50,31 +50,21 @@ from traduire.config import Config, TrainConfig, parse_duration
 from traduire.device import AUTOCAST_DTYPES, resolve_device, training_precision
 from traduire.errors import TraduireError
 from traduire.evaluate import validate_bleu, validate_loss
-from traduire.model import Transformer, TransformerShape
+from traduire.loading import build_model
+from traduire.loss import token_cross_entropy
 from traduire.monitor import ModelFlops, Monitor, Window, gpu_memory_gib, peak_flops
 from traduire.tokenizer import Tokenizer
 
 
-def build_model(config: Config, tokenizer: Tokenizer) -> Transformer:
-    return Transformer(TransformerShape.from_config(
-        config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, tokenizer.pad_id))
-
-
-def inverse_sqrt_lr(step: int, peak: float, warmup: int) -> float:
-    """Linear warmup to `peak`, then decay with 1/sqrt(step) (Vaswani et al., section 5.3)."""
-    step = max(step, 1)
-    if step < warmup:
-        return peak * step / warmup
-    return peak * math.sqrt(max(warmup, 1) / step)
-
-
 def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """The learning rate of `step` (1-based) under the configured schedule, warmup included."""
-    if cfg.schedule == "inverse_sqrt":
-        return inverse_sqrt_lr(step, cfg.lr, cfg.warmup_steps)
+    """The learning rate of `step` (1-based): a linear warmup to train.lr over warmup_steps,
+    then the configured decay: inverse_sqrt (Vaswani et al., section 5.3: lr * sqrt(warmup /
+    step)), or cosine or linear to min_lr at decay_steps (0: max_steps)."""
     step = max(step, 1)
     if step < cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
+    if cfg.schedule == "inverse_sqrt":
+        return cfg.lr * math.sqrt(max(cfg.warmup_steps, 1) / step)
     end = cfg.decay_steps or cfg.max_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(end - cfg.warmup_steps, 1))
     if cfg.schedule == "cosine":
@@ -217,9 +207,8 @@ class Trainer:
         dtype = AUTOCAST_DTYPES.get(self.precision)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             logits = self.net(batch.src, batch.tgt_in)
-        return F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(),
-                               ignore_index=self.tokenizer.pad_id, reduction="sum",
-                               label_smoothing=label_smoothing)
+        return token_cross_entropy(logits, batch.tgt_out, self.tokenizer.pad_id,
+                                   label_smoothing)
 
     def _optimizer_step(self, loss_sum: torch.Tensor) -> None:
         """Update the weights, unless the loss or the gradients are not finite: such a step
@@ -347,7 +336,8 @@ class Trainer:
         if self.dist.is_main:
             save_checkpoint(path or self.checkpoint_dir / f"step_{self.state.step:08d}.pt",
                             training_checkpoint(self.model, self.optimizer, self.scaler,
-                                                self.state, rng, self.config))
+                                                self.state, rng, self.config,
+                                                self.tokenizer.fingerprint()))
             if path is None:
                 prune_checkpoints(self.checkpoint_dir, self.cfg.keep_last)
             self.monitor.sync()
@@ -360,6 +350,8 @@ class Trainer:
             remove_leftovers(self.run_dir)
         saved = load_latest(self.checkpoint_dir, self.device, self.monitor.warn)
         if saved is not None:
+            # Weights trained on other pieces would go on training into garbage.
+            check_vocabulary(saved, self.tokenizer, self.checkpoint_dir, self.run_dir / "tokenizer")
             self.state = restore_training(saved, self.model, self.optimizer, self.scaler,
                                           self.config, self.dist.rank, self.dist.world_size,
                                           self.device)

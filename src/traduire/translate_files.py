@@ -1,0 +1,169 @@
+"""Translating files: one output line per input line, in input order, written atomically (a
+temporary file renamed when complete, so an interrupted run never leaves a partial file that
+looks complete), with a progress bar, warnings naming the line, and decoding speed; and
+`traduire eval --src`, which translates a file and scores it."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import Progress, TextColumn, TimeElapsedColumn
+
+from traduire.errors import TraduireError
+from traduire.evaluate import score
+from traduire.files import check_line_counts, line_writer, open_input, read_lines, read_text_lines
+from traduire.translate import DecodeOptions, Translation, Translator
+
+
+class Throughput:
+    """Sentences and target tokens per second over a translation run."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.sentences = self.tokens = 0
+
+    def add(self, translation: Translation) -> None:
+        self.sentences += 1
+        if translation.hypotheses:
+            self.tokens += len(translation.hypotheses[0].tokens) + 1
+
+    def summary(self) -> dict[str, float]:
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        return {"sentences": self.sentences, "seconds": round(seconds, 3),
+                "sentences_per_s": round(self.sentences / seconds, 2),
+                "tokens_per_s": round(self.tokens / seconds, 1)}
+
+
+def translate_file(translator: Translator, input: str, output: Path | None,
+                   options: DecodeOptions, format: str = "text", show_probs: bool = False,
+                   progress: bool = True, collect: list[str] | None = None,
+                   flag_below: float | None = None) -> dict[str, Any]:
+    """Translate a file (or '-' for stdin) to `output` (or stdout; or only into `collect`),
+    one line per input line. The output file is written atomically, so an interrupted run
+    never leaves a partial file that looks complete. Returns decoding speed figures.
+
+    jsonl output carries each sentence's confidence; with `flag_below`, the numbers of the lines
+    whose mean token log-probability is below it are printed on stderr at the end."""
+    if format not in ("text", "jsonl"):
+        raise TraduireError(f"--format {format!r}: expected text or jsonl")
+    if format == "jsonl" or flag_below is not None:
+        options = dataclasses.replace(options, confidence=True)
+    log = _RunLog(Console(stderr=True), input, translator.max_source_tokens, flag_below)
+    source = sys.stdin.buffer if input == "-" else open_input(Path(input))
+    columns = (TextColumn("translating"), TextColumn("{task.completed} lines"),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=log.console, disable=not progress,
+                      transient=True) as bar, _sink(output, collect) as sink:
+            task = bar.add_task("translate", rate="")
+            results = translator.translate_lines(read_lines(source, log.invalid_utf8), options)
+            for number, result in enumerate(results, 1):
+                sink.write(_output_line(result, format, options.nbest))
+                if collect is not None:
+                    collect.append(result.best)
+                log.add(number, result)
+                if show_probs and result.hypotheses:
+                    log.console.print(format_probabilities(result), highlight=False)
+                bar.update(task, completed=number,
+                           rate=f"{log.speed.summary()['sentences_per_s']:.1f} sentences/s")
+    finally:
+        if input != "-":
+            source.close()
+    return log.summary()
+
+
+class _RunLog:
+    """What translate_file tells the user on stderr: warnings naming the line, the lines of low
+    confidence, and the speed figures it returns."""
+
+    def __init__(self, console: Console, input: str, max_source_tokens: int,
+                 flag_below: float | None) -> None:
+        self.console, self.input, self.flag_below = console, input, flag_below
+        self.max_source_tokens = max_source_tokens
+        self.speed, self.truncated, self.flagged = Throughput(), 0, []
+
+    def say(self, message: str) -> None:
+        self.console.print(message, highlight=False, markup=False, soft_wrap=True)
+
+    def invalid_utf8(self, number: int, offset: int) -> None:
+        self.say(f"warning: {self.input}:{number}: invalid UTF-8 at byte {offset}; translated "
+                 "with U+FFFD in its place")
+
+    def add(self, number: int, result: Translation) -> None:
+        self.speed.add(result)
+        if result.truncated:
+            self.truncated += 1
+            self.say(f"warning: {self.input}:{number}: line longer than the model's "
+                     f"{self.max_source_tokens} source tokens; translated its beginning only")
+        if (self.flag_below is not None and result.confidence is not None
+                and result.confidence["mean_logprob"] < self.flag_below):
+            self.flagged.append(number)
+
+    def summary(self) -> dict[str, Any]:
+        summary: dict[str, Any] = {**self.speed.summary(), "truncated": self.truncated}
+        if self.flag_below is not None:
+            self.say(f"{len(self.flagged)} lines with mean token log-probability below "
+                     f"{self.flag_below}: {' '.join(map(str, self.flagged)) or '-'}")
+            summary["flagged"] = self.flagged
+        return summary
+
+
+def _output_line(result: Translation, format: str, nbest: int) -> str:
+    if format == "jsonl":
+        return json.dumps(_as_record(result), ensure_ascii=False) + "\n"
+    return (" ||| ".join(result.texts) if nbest > 1 else result.best) + "\n"
+
+
+def _sink(output: Path | None, collect: list[str] | None
+          ) -> contextlib.AbstractContextManager[TextIO]:
+    """Where translate_file writes: the output file (atomically), nowhere when the caller only
+    collects the lines, or standard output."""
+    if output is None and collect is not None:
+        return contextlib.nullcontext(io.StringIO())
+    return line_writer(output)
+
+
+def translate_and_score(translator: Translator, src: Path, ref: Path, options: DecodeOptions,
+                        output: Path | None = None, ter: bool = False, progress: bool = True
+                        ) -> dict[str, Any]:
+    """Translate `src` and score the translations against `ref` (`traduire eval --src`):
+    sacreBLEU's figures with a `speed` entry."""
+    references = read_text_lines(ref)
+    check_line_counts(src, len(read_text_lines(src)), ref, len(references),
+                      "sources and references must be line-aligned")
+    hypotheses: list[str] = []
+    speed = translate_file(translator, str(src), output, options, collect=hypotheses,
+                           progress=progress)
+    return {**score(hypotheses, references, ter=ter), "speed": speed}
+
+
+def _as_record(result: Translation) -> dict:
+    return {"source": result.source, "translation": result.best,
+            "truncated": result.truncated,
+            **({"confidence": result.confidence} if result.confidence is not None else {}),
+            "nbest": [{"translation": c.text, "logprob": round(c.logprob, 4),
+                       "score": round(c.score, 4),
+                       "probability": round(100 * c.probability, 6),
+                       "tokens": len(h.tokens) + 1}
+                      for c, h in zip(result.candidates, result.hypotheses)]}
+
+
+def format_probabilities(result: Translation) -> str:
+    """The 'probability · candidate' table of a textbook's list of completions: the source,
+    then one line per candidate, e.g. '  3.1%  Je suis un bon chien.' (percent with one
+    decimal, right-aligned; two significant digits below 0.05%, e.g. '1.0e-02%', so unlikely
+    candidates can still be compared)."""
+    lines = [f"  {result.source}"]
+    for candidate in result.candidates:
+        percent = 100 * candidate.probability
+        shown = f"{percent:.1f}%" if percent >= 0.05 else f"{percent:.1e}%"
+        lines.append(f"{shown:>8}  {candidate.text}")
+    return "\n".join(lines)
