@@ -69,6 +69,26 @@ def write_config(path: Path, settings: dict) -> Path:
     return path
 
 
+def one_line_error(result, *expected: str, after_progress: bool = False, case: str = "") -> str:
+    """A CLI result that failed as a user error: exit status 1, no traceback, and one line on
+    stderr that starts with 'error:' and contains every expected text. It is the last line, and
+    the only one unless `after_progress` (progress lines before it). With `case`, the line is
+    printed as "MESSAGE case -> error: ..." (`pytest -s` shows every case's message)."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert lines[-1] == errors[0], lines
+    if not after_progress:
+        assert len(lines) == 1, lines
+    for text in expected:
+        assert text in errors[0], errors[0]
+    if case:
+        print(f"MESSAGE {case} -> {errors[0]}")
+    return errors[0]
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     """The machine is shared: keep torch to one thread in every test (and restore after)."""

@@ -20,7 +20,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import small_settings, write_config
+from conftest import one_line_error, small_settings, write_config
 from traduire.checkpoint import load_checkpoint
 from traduire.cli import app
 from traduire.config import load_config
@@ -42,19 +42,6 @@ def cli(*args: object):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def one_line_error(result, case: str, *expected: str) -> str:
-    """Exit 1, no traceback, and exactly one line on stderr (after any progress lines) that
-    starts with 'error:' and contains every expected text."""
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    for text in expected:
-        assert text in errors[0], errors[0]
-    print(f"MESSAGE {case} -> {errors[0]}")
-    return errors[0]
-
-
 def python_m(*args: object) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "400", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "traduire", *map(str, args)],
@@ -73,21 +60,22 @@ def test_parallel_files_with_different_line_counts(corpus_dir, tmp_path):
     with open(corpus_dir / "train.fr", "a", encoding="utf-8") as f:
         f.write("une ligne de trop\n")
     result = train_on(tmp_path, corpus_dir)
-    one_line_error(result, "train.en 200 lines, train.fr 201", "train.en", "train.fr", "200",
-                   "201")
+    one_line_error(result, "train.en", "train.fr", "200", "201", after_progress=True,
+                   case="train.en 200 lines, train.fr 201")
 
 
 def test_missing_corpus_file(corpus_dir, tmp_path):
     (corpus_dir / "val.fr").unlink()
     result = train_on(tmp_path, corpus_dir)
-    one_line_error(result, "missing val.fr", str(corpus_dir / "val.fr"), "not found")
+    one_line_error(result, str(corpus_dir / "val.fr"), "not found", after_progress=True,
+                   case="missing val.fr")
 
 
 def test_corpus_empty_after_cleaning(corpus_dir, tmp_path):
     (corpus_dir / "train.en").write_text("   \n" * 200, encoding="utf-8")
     result = train_on(tmp_path, corpus_dir)
-    one_line_error(result, "train.en all blank", f"{corpus_dir / 'train'}.{{en,fr}}",
-                   "empty after cleaning", "200 empty")
+    one_line_error(result, f"{corpus_dir / 'train'}.{{en,fr}}", "empty after cleaning",
+                   "200 empty", after_progress=True, case="train.en all blank")
 
 
 def break_utf8(path: Path, line: int) -> int:
@@ -101,8 +89,9 @@ def break_utf8(path: Path, line: int) -> int:
 def test_invalid_utf8_in_corpus_names_file_line_and_byte(corpus_dir, tmp_path):
     offset = break_utf8(corpus_dir / "train.en", 7)
     result = train_on(tmp_path, corpus_dir)
-    one_line_error(result, "invalid UTF-8 in train.en", f"{corpus_dir / 'train.en'}:7:",
-                   f"byte {offset}", "data.skip_invalid_utf8")
+    one_line_error(result, f"{corpus_dir / 'train.en'}:7:", f"byte {offset}",
+                   "data.skip_invalid_utf8", after_progress=True,
+                   case="invalid UTF-8 in train.en")
 
 
 def test_invalid_utf8_lines_skipped_and_counted_on_request(corpus_dir, tmp_path, capsys):
@@ -155,14 +144,14 @@ def test_bad_config_names_the_file_and_key(case, tmp_path, corpus_dir):
 def test_bad_config_through_the_command_line(tmp_path, corpus_dir):
     path = write_config(tmp_path / "bad.yaml", small_settings(corpus_dir, model={"heads": 5}))
     result = cli("train", "-c", path, "-r", tmp_path / "run")
-    one_line_error(result, "config d_model 16 heads 5", str(path), "'model.heads' (5)")
+    one_line_error(result, str(path), "'model.heads' (5)", case="config d_model 16 heads 5")
     assert not (tmp_path / "run").exists()  # nothing started
 
 
 def test_vocab_size_larger_than_the_text_allows(corpus_dir, tmp_path):
     result = train_on(tmp_path, corpus_dir, tokenizer={"vocab_size": 5000})
-    one_line_error(result, "vocab_size 5000 on a toy corpus", "'tokenizer.vocab_size'",
-                   "too large")
+    one_line_error(result, "'tokenizer.vocab_size'", "too large", after_progress=True,
+                   case="vocab_size 5000 on a toy corpus")
 
 
 def test_yaml_that_would_run_code_is_refused(tmp_path):
@@ -172,8 +161,8 @@ def test_yaml_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(path)
     result = cli("train", "-c", path, "-r", tmp_path / "run")
-    one_line_error(result, "YAML with !!python/object/apply:os.system", str(path),
-                   "invalid YAML")
+    one_line_error(result, str(path), "invalid YAML",
+                   case="YAML with !!python/object/apply:os.system")
     assert not marker.exists()
 
 
@@ -188,8 +177,8 @@ def test_run_dir_from_a_different_config_names_the_changed_keys(trained, tmp_pat
     path = write_config(tmp_path / "changed.yaml", settings)
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     result = cli("train", "-c", path, "-r", run_dir)
-    one_line_error(result, "run dir trained with other settings", "model.layers", "train.lr",
-                   "--overwrite")
+    one_line_error(result, "model.layers", "train.lr", "--overwrite",
+                   case="run dir trained with other settings")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
@@ -198,7 +187,8 @@ def test_run_dir_from_a_newer_version(tmp_path, corpus_dir):
     run_dir.mkdir()
     (run_dir / "run.json").write_text(json.dumps({"format_version": 99}))
     result = train_on(tmp_path, corpus_dir)
-    one_line_error(result, "run.json format_version 99", str(run_dir), "newer traduire", "99")
+    one_line_error(result, str(run_dir), "newer traduire", "99",
+                   case="run.json format_version 99")
 
 
 # --- translate: odd input ----------------------------------------------------------------------
@@ -243,14 +233,15 @@ def test_translate_odd_input_gives_one_line_per_line(case, trained, tmp_path):
 
 def test_translate_missing_input_file(trained, tmp_path):
     result = cli("translate", tmp_path / "nope.txt", "-r", trained[1], "--quiet")
-    one_line_error(result, "translate a missing file", str(tmp_path / "nope.txt"), "not found")
+    one_line_error(result, str(tmp_path / "nope.txt"), "not found",
+                   case="translate a missing file")
 
 
 def test_translate_without_a_trained_run(tmp_path):
     (tmp_path / "in.txt").write_text("the cat\n")
     result = cli("translate", tmp_path / "in.txt", "-r", tmp_path / "empty")
-    one_line_error(result, "translate -r on an empty directory", str(tmp_path / "empty"),
-                   "not a trained run directory")
+    one_line_error(result, str(tmp_path / "empty"), "not a trained run directory",
+                   case="translate -r on an empty directory")
 
 
 # --- --checkpoint: files that are not checkpoints, and files that attack ------------------------
@@ -278,7 +269,7 @@ def test_checkpoint_option_pointing_to_a_non_checkpoint(case, trained, tmp_path)
     (tmp_path / "in.txt").write_text("the cat\n")
     result = cli("translate", tmp_path / "in.txt", "-r", trained[1], "--checkpoint", path,
                  "--quiet")
-    one_line_error(result, f"--checkpoint {case}", str(path))
+    one_line_error(result, str(path), case=f"--checkpoint {case}")
 
 
 class Payload:
@@ -306,8 +297,8 @@ def test_malicious_checkpoint_cannot_run_code(trained, tmp_path):
         assert str(path) in str(info.value)
         result = cli("translate", tmp_path / "in.txt", "-r", trained[1], "--checkpoint", path,
                      "--quiet")
-        one_line_error(result, f"--checkpoint {path.name} with a code-running pickle",
-                       str(path), "not a readable traduire checkpoint")
+        one_line_error(result, str(path), "not a readable traduire checkpoint",
+                       case=f"--checkpoint {path.name} with a code-running pickle")
         assert not marker.exists()
     # The unsafe way would have run it: the payload is real.
     pickle.loads(raw.read_bytes())

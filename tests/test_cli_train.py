@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_settings, write_config
+from conftest import one_line_error, tiny_settings, write_config
 from traduire.checkpoint import load_checkpoint, step_checkpoints
 from traduire.cli import app
 from traduire.errors import ConfigError
@@ -17,10 +17,6 @@ runner = CliRunner()
 
 def train(*args: str):
     return runner.invoke(app, ["train", *map(str, args)])
-
-
-def error_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.strip()]
 
 
 def test_help():
@@ -50,20 +46,6 @@ def test_train_end_to_end(tiny_config_path, tmp_path):
     assert "resuming at step 20" in result.stderr
     assert "done: step 25" in result.stderr
     assert step_checkpoints(run_dir / "checkpoints")[-1].name == "step_00000025.pt"
-
-
-def one_line_error(result, *expected: str, after_progress: bool = False) -> str:
-    """Exit status 1 and the error as one line (the last, after any progress lines)."""
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = error_lines(result)
-    if not after_progress:
-        assert len(lines) == 1, lines
-    assert lines[-1].startswith("error:"), lines
-    assert sum(line.startswith("error:") for line in lines) == 1
-    for text in expected:
-        assert text in lines[-1]
-    return lines[-1]
 
 
 def test_unknown_key_is_a_one_line_error(tmp_path, corpus_dir):
