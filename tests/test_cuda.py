@@ -260,9 +260,9 @@ def _try(fn) -> tuple[bool, str]:
 
 def test_fused_attention_backends_run_the_model():
     """Which SDPA kernels can run the model's own forward/backward in bf16. The encoder and
-    cross-attention pass a boolean padding mask and the decoder a materialised causal mask;
-    flash attention takes no explicit mask, so it may be ruled out for the model even though
-    it runs the same shapes unmasked or with is_causal=True."""
+    cross-attention pass a boolean padding mask, the decoder's self-attention only
+    is_causal=True; flash attention takes no explicit mask, so the padding masks may rule it
+    out for the model even though it runs the same shapes unmasked or with is_causal=True."""
     from torch.nn.attention import sdpa_kernel
 
     model = build(layers=3).to(CUDA).train()

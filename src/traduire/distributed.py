@@ -55,7 +55,7 @@ def init(device_kind: str) -> Context:
         return current()
     backend = "nccl" if device_kind == "cuda" else "gloo"
     # A dead rank becomes an error on the others after this long, not an endless hang. No
-    # collective waits on the data stages (see wait_for_main), so this bounds training steps
+    # collective waits on the data stages (see run_on_main), so this bounds training steps
     # only.
     timeout = timedelta(seconds=float(os.environ.get("TRADUIRE_DIST_TIMEOUT", "600")))
     device_id = None
