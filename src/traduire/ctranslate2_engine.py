@@ -5,8 +5,8 @@ Differences from traduire's own search, all CTranslate2's: BOS and padding are l
 step's distribution before it is normalised, not after (with α = 0 the best output is the one
 traduire finds on that renormalised distribution); the length penalty divides the
 log-probability by length^α instead of ((5 + length) / 6)^α; a hypothesis at the length limit
-ends without EOS, and the search stops at one length limit per batch, which each sentence's
-output is then cut to its own limit; n-best lists end once `beam` hypotheses have; and
+ends without EOS, and the search stops at one length limit per batch, after which each
+sentence's output is cut to its own limit; n-best lists end once `beam` hypotheses have; and
 per-token log-probabilities are not reported.
 
 Needs the `ctranslate2` package (`pip install 'traduire[ctranslate2]'`).
