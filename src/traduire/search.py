@@ -16,8 +16,8 @@ make decoding random.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -96,24 +96,87 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5 + length) / 6) ** alpha
 
 
-def _next_token_logits(model: Transformer, last: Tensor, memory: Tensor, src_mask: Tensor,
-                       cache: DecoderCache, step: int, max_len: Tensor, bos: int, eos: int,
-                       pad: int) -> tuple[Tensor, Tensor]:
-    """Scores of the token after `last` (rows,), which is the token at target position `step`.
+@dataclass(kw_only=True)
+class _Search:
+    """A search between two steps. Its rows are the live hypotheses, `k` per active sentence
+    (rows s*k .. s*k+k-1 for active sentence s); the per-sentence tensors have one row per
+    active sentence, which the decoder lets its k hypotheses share."""
+
+    bos: int
+    eos: int
+    pad: int
+    k: int  # rows per active sentence: the beam, or 1 when sampling
+    memory: Tensor  # the encoder output, per active sentence
+    src_mask: Tensor
+    max_len: Tensor  # per active sentence, the most tokens its outputs have before EOS
+    cache: DecoderCache
+    sentences: list[int] = field(init=False)  # original index of each active sentence
+    tokens: Tensor = field(init=False)  # (rows, step): the tokens generated so far
+    token_lps: Tensor = field(init=False)  # (rows, step): their log-probabilities
+    last: Tensor = field(init=False)  # (rows,): the token each row feeds next, BOS at first
+    step: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        n, device = self.max_len.size(0), self.max_len.device
+        self.sentences = list(range(n))
+        self.tokens = torch.empty((n * self.k, 0), dtype=torch.long, device=device)
+        self.token_lps = torch.empty((n * self.k, 0), device=device)
+        self.last = torch.full((n * self.k,), self.bos, dtype=torch.long, device=device)
+
+
+@dataclass(kw_only=True)
+class _Beams(_Search):
+    """Beam search between two steps: also the live hypotheses' scores and, per sentence, its
+    finished hypotheses and what decides when it is done."""
+
+    lenpen: float
+    # Cumulative logprob of the live hypotheses (sentences, k). Only one row per sentence is
+    # live at first: -inf on the copies keeps them from producing k identical hypotheses.
+    lp: Tensor = field(init=False)
+    # The largest penalty a hypothesis of each sentence can end with (at max_len + EOS).
+    final_pen: Tensor = field(init=False)
+    # Per active sentence, the score a hypothesis must beat to enter its k best finished ones.
+    worst: Tensor = field(init=False)
+    finished: list[list[Hypothesis]] = field(init=False)  # by original index; best first
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n, device = len(self.sentences), self.max_len.device
+        self.final_pen = torch.tensor([length_penalty(m + 1, self.lenpen)
+                                       for m in self.max_len.tolist()], device=device)
+        self.finished = [[] for _ in range(n)]
+        self.worst = torch.full((n,), float("-inf"), device=device)
+        self.lp = torch.full((n, self.k), float("-inf"), device=device)
+        self.lp[:, 0] = 0.0
+
+
+class _Extensions(NamedTuple):
+    """One-token extensions of the live hypotheses, each (active sentences, candidates)."""
+
+    lp: Tensor  # cumulative logprob
+    row: Tensor  # the row (hypothesis) extended
+    token: Tensor
+    token_lp: Tensor  # the token's own logprob
+
+
+def _next_token_logits(model: Transformer, state: _Search) -> tuple[Tensor, Tensor]:
+    """Scores of the token after each row's `last`, the token at target position `step`.
 
     Returns logits (rows, vocab) and each row's log normaliser (rows, 1): a token's
     log-probability is its logit minus the normaliser. Pad and BOS are never allowed (their
-    logits are -inf, after normalising); once a row has generated its max_len (rows,) tokens,
-    only EOS is. Beam search needs the log-probabilities of a few tokens per row only, so the
-    full (rows, vocab) log-softmax is never built.
+    logits are -inf, after normalising); once a row has generated its sentence's max_len
+    tokens, only EOS is. Beam search needs the log-probabilities of a few tokens per row only,
+    so the full (rows, vocab) log-softmax is never built.
     """
-    logits = model.decode(last[:, None], memory, src_mask, cache)[:, -1].float()
+    logits = model.decode(state.last[:, None], state.memory, state.src_mask,
+                          state.cache)[:, -1].float()
     log_norm = logits.logsumexp(-1, keepdim=True)
-    logits[:, pad] = float("-inf")
-    logits[:, bos] = float("-inf")
-    at_limit = max_len <= step
+    logits[:, state.pad] = float("-inf")
+    logits[:, state.bos] = float("-inf")
+    max_len = state.max_len if state.k == 1 else state.max_len.repeat_interleave(state.k)
+    at_limit = max_len <= state.step
     if at_limit.any():  # rare: skip building a (rows, vocab) mask on every other step
-        not_eos = torch.arange(logits.size(1), device=logits.device) != eos
+        not_eos = torch.arange(logits.size(1), device=logits.device) != state.eos
         logits.masked_fill_(at_limit[:, None] & not_eos, float("-inf"))
     return logits, log_norm
 
@@ -132,104 +195,95 @@ def beam_search(model: Transformer, src: Tensor, *, beam: int, bos: int, eos: in
     """
     if not 1 <= nbest <= beam:
         raise ValueError(f"need 1 <= nbest <= beam, got nbest={nbest}, beam={beam}")
-    k, device = beam, src.device
-    # The encoder output stays one row per sentence: the decoder lets the k hypotheses of a
-    # sentence (rows s*k .. s*k+k-1, for active sentence s) share it.
     memory, src_mask = model.encode(src)
-    cache = model.new_cache()
-
-    max_len = output_limits(src, pad, max_len_a, max_len_b, model.shape.max_positions)
-    # The largest penalty a hypothesis of each sentence can end with (at max_len + EOS).
-    final_pen = torch.tensor([length_penalty(m + 1, lenpen) for m in max_len.tolist()],
-                             device=device)
-    sentences = list(range(src.size(0)))  # original index of each active sentence
-    finished: list[list[Hypothesis]] = [[] for _ in sentences]  # best first, at most k each
-    # Per active sentence, the score a hypothesis must beat to enter its k best finished ones.
-    worst = torch.full((len(sentences),), float("-inf"), device=device)
-    # Live hypotheses: cumulative logprob (sentences, k); generated tokens and their logprobs
-    # (rows, step). Only one row per sentence is live at first: -inf on the copies keeps them
-    # from producing k identical hypotheses.
-    lp = torch.full((len(sentences), k), float("-inf"), device=device)
-    lp[:, 0] = 0.0
-    rows = len(sentences) * k
-    tokens = torch.empty((rows, 0), dtype=torch.long, device=device)
-    token_lps = torch.empty((rows, 0), device=device)
-    last = torch.full((rows,), bos, dtype=torch.long, device=device)
-
-    step = 0
-    while sentences:
-        n = len(sentences)
-        logits, log_norm = _next_token_logits(model, last, memory, src_mask, cache, step,
-                                              max_len.repeat_interleave(k), bos, eos, pad)
-        # The 2k best extensions of each sentence: at most k of them end in EOS (one per
-        # row), so at least k remain to continue. They are among the 2k best of each row.
-        per_row = min(2 * k, logits.size(1))
-        row_logits, row_tok = top_per_row(logits, per_row)
-        row_step_lp = row_logits - log_norm
-        top_lp, top_idx = (lp.view(-1, 1) + row_step_lp).view(n, k * per_row).topk(
-            min(2 * k, k * per_row), dim=1)
-        top_row = top_idx // per_row + torch.arange(n, device=device)[:, None] * k
-        top_tok = row_tok.view(n, -1).gather(1, top_idx)
-        top_step_lp = row_step_lp.view(n, -1).gather(1, top_idx)
-        is_eos = top_tok == eos
+    state = _Beams(bos=bos, eos=eos, pad=pad, k=beam, lenpen=lenpen, memory=memory,
+                   src_mask=src_mask, cache=model.new_cache(), max_len=output_limits(
+                       src, pad, max_len_a, max_len_b, model.shape.max_positions))
+    while state.sentences:
+        extensions = _best_extensions(state, *_next_token_logits(model, state))
+        is_eos = extensions.token == eos
         # As in classical beam search, only an EOS among the k best candidates ends a
         # hypothesis: one ranked lower would have fallen out of the beam (and with k = 1 this
         # makes beam search exactly greedy).
-        ends = is_eos & top_lp.isfinite()
-        ends[:, k:] = False
+        ends = is_eos & extensions.lp.isfinite()
+        ends[:, beam:] = False
         if ends.any():
-            _collect(ends, top_row, top_lp, top_step_lp, tokens, token_lps, sentences, finished,
-                     worst, k, lenpen)
-
-        # The k best extensions that do not end continue (dead ones keep -inf).
-        lp, pick = top_lp.masked_fill(is_eos, float("-inf")).topk(k, dim=1)
-        src_rows, new_tok = top_row.gather(1, pick), top_tok.gather(1, pick)
-        new_tok_lp = top_step_lp.gather(1, pick)
-
-        # Log-probabilities only fall, so a live hypothesis (now step + 1 tokens) ends with a
-        # score of at most lp / (the largest penalty it can still reach). lp[:, 0] is the best
-        # live one; -inf there means none is left (as at the length limit), and then done.
-        best_pen = final_pen.clamp(min=length_penalty(step + 2, lenpen))
-        done = lp[:, 0] / best_pen <= worst
-        keep = (~done).nonzero().squeeze(1)
-        sentences_left = len(keep) < n
-        if sentences_left:  # finished sentences leave the batch
-            kept = keep.tolist()
-            sentences = [sentences[i] for i in kept]
-            if not sentences:
-                break
-            memory, src_mask = memory[keep], src_mask[keep]
-            max_len, final_pen, worst = max_len[keep], final_pen[keep], worst[keep]
-            lp, src_rows, new_tok, new_tok_lp = lp[keep], src_rows[keep], new_tok[keep], \
-                new_tok_lp[keep]
-        index = src_rows.view(-1)
-        # The cross-attention keys and values (one row per sentence) move only when sentences
-        # leave.
-        cache.reorder(index, keep if sentences_left else None)
-        last = new_tok.view(-1)
-        tokens = torch.cat([tokens[index], last[:, None]], dim=1)
-        token_lps = torch.cat([token_lps[index], new_tok_lp.view(-1, 1)], dim=1)
-        step += 1
-    return [hyps[:nbest] for hyps in finished]
+            _collect(state, extensions, ends)
+        live, kept = _drop_finished(state, _best_live(extensions, is_eos, beam))
+        if state.sentences:
+            _extend(state, live, kept)
+        state.step += 1
+    return [hyps[:nbest] for hyps in state.finished]
 
 
-def _collect(ends: Tensor, top_row: Tensor, top_lp: Tensor, top_step_lp: Tensor,
-             tokens: Tensor, token_lps: Tensor, sentences: list[int],
-             finished: list[list[Hypothesis]], worst: Tensor, k: int, lenpen: float) -> None:
-    """Add the candidates marked in `ends` (active sentence, candidate) as finished hypotheses,
-    keeping each sentence's k best, and update `worst` for the sentences that now have k."""
-    top_row_l, top_lp_l, step_lp_l = top_row.tolist(), top_lp.tolist(), top_step_lp.tolist()
+def _best_extensions(state: _Beams, logits: Tensor, log_norm: Tensor) -> _Extensions:
+    """The 2k best extensions of each active sentence's live hypotheses, best first."""
+    n, k = len(state.sentences), state.k
+    # At most k of them end in EOS (one per row), so at least k remain to continue. They are
+    # among the 2k best of each row.
+    per_row = min(2 * k, logits.size(1))
+    row_logits, row_tok = top_per_row(logits, per_row)
+    row_step_lp = row_logits - log_norm
+    top_lp, top_idx = (state.lp.view(-1, 1) + row_step_lp).view(n, k * per_row).topk(
+        min(2 * k, k * per_row), dim=1)
+    top_row = top_idx // per_row + torch.arange(n, device=top_idx.device)[:, None] * k
+    return _Extensions(top_lp, top_row, row_tok.view(n, -1).gather(1, top_idx),
+                       row_step_lp.view(n, -1).gather(1, top_idx))
+
+
+def _collect(state: _Beams, extensions: _Extensions, ends: Tensor) -> None:
+    """Add the extensions marked in `ends` (active sentence, candidate) to the finished
+    hypotheses, keeping each sentence's k best, and update `worst` for those that now have k."""
+    rows, lps, step_lps = (t.tolist() for t in (extensions.row, extensions.lp,
+                                                extensions.token_lp))
     for s, j in ends.nonzero().tolist():
-        row, logprob = top_row_l[s][j], top_lp_l[s][j]
-        hyp_tokens = tokens[row].tolist()
-        hyps = finished[sentences[s]]
-        hyps.append(Hypothesis(hyp_tokens, logprob,
-                               logprob / length_penalty(len(hyp_tokens) + 1, lenpen),
-                               token_lps[row].tolist() + [step_lp_l[s][j]]))
+        row, logprob = rows[s][j], lps[s][j]
+        tokens = state.tokens[row].tolist()
+        hyps = state.finished[state.sentences[s]]
+        hyps.append(Hypothesis(tokens, logprob,
+                               logprob / length_penalty(len(tokens) + 1, state.lenpen),
+                               state.token_lps[row].tolist() + [step_lps[s][j]]))
         hyps.sort(key=lambda h: h.score, reverse=True)  # stable: earlier ones win ties
-        del hyps[k:]
-        if len(hyps) == k:
-            worst[s] = hyps[-1].score
+        del hyps[state.k:]
+        if len(hyps) == state.k:
+            state.worst[s] = hyps[-1].score
+
+
+def _best_live(extensions: _Extensions, is_eos: Tensor, k: int) -> _Extensions:
+    """The k best extensions of each sentence that do not end (dead ones keep -inf)."""
+    lp, pick = extensions.lp.masked_fill(is_eos, float("-inf")).topk(k, dim=1)
+    return _Extensions(lp, *(t.gather(1, pick) for t in extensions[1:]))
+
+
+def _drop_finished(state: _Beams, live: _Extensions) -> tuple[_Extensions, Tensor | None]:
+    """Remove the sentences that are done from `state` and from its next hypotheses `live`.
+    Returns `live` and the indices of the sentences kept, or None if none was done."""
+    # Log-probabilities only fall, so a live hypothesis (now step + 1 tokens) ends with a
+    # score of at most lp / (the largest penalty it can still reach). lp[:, 0] is the best
+    # live one; -inf there means none is left (as at the length limit), and then done.
+    best_pen = state.final_pen.clamp(min=length_penalty(state.step + 2, state.lenpen))
+    done = live.lp[:, 0] / best_pen <= state.worst
+    keep = (~done).nonzero().squeeze(1)
+    if len(keep) == len(state.sentences):
+        return live, None
+    state.sentences = [state.sentences[i] for i in keep.tolist()]
+    if not state.sentences:
+        return live, keep
+    state.memory, state.src_mask = state.memory[keep], state.src_mask[keep]
+    state.max_len, state.final_pen = state.max_len[keep], state.final_pen[keep]
+    state.worst = state.worst[keep]
+    return _Extensions(*(t[keep] for t in live)), keep
+
+
+def _extend(state: _Beams, live: _Extensions, kept: Tensor | None) -> None:
+    """Make `live` the live hypotheses: each is the row it extends plus its token."""
+    index = live.row.view(-1)
+    # The cross-attention keys and values (one row per sentence) move only when sentences
+    # leave.
+    state.cache.reorder(index, kept)
+    state.lp, state.last = live.lp, live.token.view(-1)
+    state.tokens = torch.cat([state.tokens[index], state.last[:, None]], dim=1)
+    state.token_lps = torch.cat([state.token_lps[index], live.token_lp.view(-1, 1)], dim=1)
 
 
 def greedy(model: Transformer, src: Tensor, *, bos: int, eos: int, pad: int,
@@ -272,38 +326,37 @@ def sample(model: Transformer, src: Tensor, *, bos: int, eos: int, pad: int,
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    device = src.device
     memory, src_mask = model.encode(src)
-    cache = model.new_cache()
-    max_len = output_limits(src, pad, max_len_a, max_len_b, model.shape.max_positions)
-    sentences = list(range(src.size(0)))  # original index of each live row
+    state = _Search(bos=bos, eos=eos, pad=pad, k=1, memory=memory, src_mask=src_mask,
+                    cache=model.new_cache(), max_len=output_limits(
+                        src, pad, max_len_a, max_len_b, model.shape.max_positions))
     results: dict[int, Hypothesis] = {}
-    tokens = torch.empty((len(sentences), 0), dtype=torch.long, device=device)
-    token_lps = torch.empty((len(sentences), 0), device=device)
-    last = torch.full((len(sentences),), bos, dtype=torch.long, device=device)
-
-    step = 0
-    while sentences:
-        logits, log_norm = _next_token_logits(model, last, memory, src_mask, cache, step,
-                                              max_len, bos, eos, pad)
+    while state.sentences:
+        logits, log_norm = _next_token_logits(model, state)
         logprobs = logits - log_norm
         weights = _sampling_weights(logprobs, temperature, top_k, top_p)
         last = torch.multinomial(weights.softmax(-1), 1, generator=generator).squeeze(1)
-        tokens = torch.cat([tokens, last[:, None]], dim=1)
-        token_lps = torch.cat([token_lps, logprobs.gather(1, last[:, None])], dim=1)
-        ended = last == eos
-        for row in ended.nonzero().squeeze(1).tolist():
-            row_lps = token_lps[row].tolist()
-            results[sentences[row]] = Hypothesis(tokens[row, :-1].tolist(), sum(row_lps),
-                                                 sum(row_lps), row_lps)
-        if ended.any():  # ended rows leave the batch
-            keep = (~ended).nonzero().squeeze(1)
-            sentences = [sentences[i] for i in keep.tolist()]
-            cache.reorder(keep, keep)
-            memory, src_mask, max_len = memory[keep], src_mask[keep], max_len[keep]
-            tokens, token_lps, last = tokens[keep], token_lps[keep], last[keep]
-        step += 1
+        state.last, state.tokens = last, torch.cat([state.tokens, last[:, None]], dim=1)
+        state.token_lps = torch.cat([state.token_lps, logprobs.gather(1, last[:, None])], dim=1)
+        _finish_ended(state, results)
+        state.step += 1
     return [results[i] for i in range(src.size(0))]  # each one ends, at its length limit
+
+
+def _finish_ended(state: _Search, results: dict[int, Hypothesis]) -> None:
+    """Move the rows whose last token is EOS from `state` into `results`, by original index."""
+    ended = state.last == state.eos
+    for row in ended.nonzero().squeeze(1).tolist():
+        row_lps = state.token_lps[row].tolist()
+        results[state.sentences[row]] = Hypothesis(state.tokens[row, :-1].tolist(),
+                                                   sum(row_lps), sum(row_lps), row_lps)
+    if ended.any():  # ended rows leave the batch
+        keep = (~ended).nonzero().squeeze(1)
+        state.sentences = [state.sentences[i] for i in keep.tolist()]
+        state.cache.reorder(keep, keep)
+        state.memory, state.src_mask = state.memory[keep], state.src_mask[keep]
+        state.max_len, state.tokens = state.max_len[keep], state.tokens[keep]
+        state.token_lps, state.last = state.token_lps[keep], state.last[keep]
 
 
 @torch.inference_mode()
