@@ -15,6 +15,7 @@ import torch
 from traduire.batch import (
     EncodedCorpus,
     Prefetcher,
+    StepPlan,
     collate,
     output_limits,
     padded,
@@ -89,7 +90,7 @@ def test_collate_adds_specials_and_padding():
     assert batch.src.tolist() == [[5, 6, 7, 3], [8, 3, 0, 0]]
     assert batch.tgt_in.tolist() == [[2, 9, 0], [2, 10, 11]]
     assert batch.tgt_out.tolist() == [[9, 3, 0], [10, 11, 3]]
-    assert batch.num_tgt_tokens == 5 and batch.num_src_tokens == 6
+    assert batch.num_tgt_tokens == 5 and int((batch.src != 0).sum()) == 6
     assert batch.src.dtype == torch.long
     assert collate([], [], pad=0, bos=2, eos=3).src.shape == (0, 1)
 
@@ -183,8 +184,9 @@ def toy_corpus(n: int = 60, seed: int = 0) -> EncodedCorpus:
 
 
 def steps_from(corpus, epoch, index, count, rank=0, world_size=1, accumulate=1, prefetch=False):
-    stream = training_steps(corpus, 60, 3, epoch, index, rank, world_size, accumulate,
-                            pad=0, bos=2, eos=3)
+    plan = StepPlan(batch_tokens=60, seed=3, pad=0, bos=2, eos=3, rank=rank,
+                    world_size=world_size, accumulate=accumulate)
+    stream = training_steps(corpus, plan, epoch, index)
     if prefetch:
         with Prefetcher(stream, depth=2) as ahead:
             return list(itertools.islice(iter(ahead), count))
@@ -204,6 +206,9 @@ def test_training_steps_run_across_epochs_and_resume_where_they_stopped():
     assert 5 < epoch_batches < 40  # the 40 steps cross an epoch boundary
     assert [s.epoch for s in steps] == [i // epoch_batches for i in range(40)]
     assert [s.index for s in steps] == [i % epoch_batches for i in range(40)]
+    # Without a start, the stream starts at the first step of epoch 0.
+    fresh = training_steps(corpus, StepPlan(batch_tokens=60, seed=3, pad=0, bos=2, eos=3))
+    assert [signature(s) for s in itertools.islice(fresh, 3)] == [signature(s) for s in steps[:3]]
     # Each epoch covers the corpus once.
     first_epoch = [s for s in steps if s.epoch == 0]
     assert sum(len(s.src_lengths) for s in first_epoch) == len(corpus)
@@ -263,7 +268,7 @@ def test_batch_to_moves_every_tensor_and_keeps_the_counts():
     assert [t.device.type for t in (moved.src, moved.tgt_in, moved.tgt_out)] == ["meta"] * 3
     assert [t.shape for t in (moved.src, moved.tgt_in, moved.tgt_out)] == \
         [t.shape for t in (batch.src, batch.tgt_in, batch.tgt_out)]
-    assert (moved.num_tgt_tokens, moved.num_src_tokens) == (5, 5)
+    assert moved.num_tgt_tokens == 5 and int((batch.src != 0).sum()) == 5
 
 
 def test_encoded_corpus_source_side_boundary_texts_and_decoder_input():
@@ -321,8 +326,9 @@ def test_a_slice_left_empty_is_a_zero_weight_pass_over_one_sentence():
     corpus = toy_corpus(n=5)
     # A budget so small that every global batch is one sentence: with two ranks and two
     # passes each, three of the four slices are empty.
-    steps = [list(itertools.islice(training_steps(corpus, 1, 3, 0, 0, rank, 2, 2, pad=0, bos=2,
-                                                  eos=3), 5)) for rank in (0, 1)]
+    plans = [StepPlan(batch_tokens=1, seed=3, pad=0, bos=2, eos=3, rank=rank, world_size=2,
+                      accumulate=2) for rank in (0, 1)]
+    steps = [list(itertools.islice(training_steps(corpus, plan), 5)) for plan in plans]
     for first, second in zip(*steps):
         (real, one), (filler, zero) = first.parts
         assert (one, zero) == (1.0, 0.0)
@@ -382,7 +388,9 @@ def test_a_filler_pass_holds_one_sentence_even_when_the_global_batch_has_more():
                                      "src_len": [2] * 6, "tgt_len": [2] * 6})
     # Three sentences of 3 tokens (EOS included) per global batch, cut into 2 x 2 slices:
     # one slice stays empty.
-    step = next(training_steps(EncodedCorpus(ds), 9, 0, 0, 0, 1, 2, 2, pad=0, bos=2, eos=3))
+    plan = StepPlan(batch_tokens=9, seed=0, pad=0, bos=2, eos=3, rank=1, world_size=2,
+                    accumulate=2)
+    step = next(training_steps(EncodedCorpus(ds), plan))
     assert len(step.src_lengths) == 3
     (real, one), (filler, zero) = step.parts
     assert (one, zero) == (1.0, 0.0)

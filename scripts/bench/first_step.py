@@ -25,7 +25,7 @@ import datasets
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import apply_runtime_settings, machine, peak_rss_mib, print_table  # noqa: E402
 
-from traduire.batch import EncodedCorpus, token_batches, training_steps  # noqa: E402
+from traduire.batch import EncodedCorpus, StepPlan, token_batches, training_steps  # noqa: E402
 from traduire.config import load_config  # noqa: E402
 from traduire.tokenizer import Tokenizer  # noqa: E402
 from traduire.training import Trainer  # noqa: E402
@@ -64,9 +64,9 @@ def main() -> None:
                              config.train.batch_tokens, config.train.seed, 0)
         lap("token_batches")
         tok = tokenizer
-        steps = training_steps(train_data, config.train.batch_tokens, config.train.seed, 0, 0,
-                               0, 1, config.train.accumulate, pad=tok.pad_id, bos=tok.bos_id,
-                               eos=tok.eos_id)
+        steps = training_steps(train_data, StepPlan(
+            batch_tokens=config.train.batch_tokens, seed=config.train.seed, pad=tok.pad_id,
+            bos=tok.bos_id, eos=tok.eos_id, accumulate=config.train.accumulate))
         planned = next(steps)  # plans the epoch again (as training does), then the first batch
         lap("plan_and_first_batch")
         trainer._train_step(planned.parts, planned.tgt_lengths.sum())

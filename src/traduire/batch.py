@@ -30,17 +30,15 @@ class Batch:
     tgt_in: torch.Tensor  # (batch, tgt_len): BOS + ids
     tgt_out: torch.Tensor  # (batch, tgt_len): ids + EOS, the prediction targets
     num_tgt_tokens: int
-    num_src_tokens: int
 
     def to(self, device: torch.device) -> Batch:
         return Batch(self.src.to(device, non_blocking=True),
                      self.tgt_in.to(device, non_blocking=True),
-                     self.tgt_out.to(device, non_blocking=True),
-                     self.num_tgt_tokens, self.num_src_tokens)
+                     self.tgt_out.to(device, non_blocking=True), self.num_tgt_tokens)
 
     def pin_memory(self) -> Batch:
         return Batch(self.src.pin_memory(), self.tgt_in.pin_memory(), self.tgt_out.pin_memory(),
-                     self.num_tgt_tokens, self.num_src_tokens)
+                     self.num_tgt_tokens)
 
 
 # --- Padding -----------------------------------------------------------------------------------
@@ -85,8 +83,7 @@ def _batch(src_values: np.ndarray, src_lengths: np.ndarray, tgt_values: np.ndarr
     return Batch(padded(src_values, src_lengths, pad, last=eos),
                  padded(tgt_values, tgt_lengths, pad, first=bos),
                  padded(tgt_values, tgt_lengths, pad, last=eos),
-                 num_tgt_tokens=int(tgt_lengths.sum()) + len(tgt_lengths),
-                 num_src_tokens=int(src_lengths.sum()) + len(src_lengths))
+                 num_tgt_tokens=int(tgt_lengths.sum()) + len(tgt_lengths))
 
 
 def source_batch(src_ids: Sequence[Sequence[int]], *, pad: int, eos: int) -> torch.Tensor:
@@ -236,9 +233,24 @@ class PlannedStep:
     tgt_lengths: np.ndarray
 
 
-def training_steps(data: EncodedCorpus, batch_tokens: int, seed: int, epoch: int,
-                   batch_in_epoch: int, rank: int, world_size: int, accumulate: int, *,
-                   pad: int, bos: int, eos: int) -> Iterator[PlannedStep]:
+@dataclass(frozen=True, kw_only=True)
+class StepPlan:
+    """What fixes one rank's stream of training steps, whichever step it starts at: the token
+    budget and seed that order each epoch's batches, this rank's share of every batch (its
+    slices of world_size * accumulate), and the special ids that pad and frame the sentences."""
+
+    batch_tokens: int
+    seed: int
+    pad: int
+    bos: int
+    eos: int
+    rank: int = 0
+    world_size: int = 1
+    accumulate: int = 1
+
+
+def training_steps(data: EncodedCorpus, plan: StepPlan, epoch: int = 0, batch_in_epoch: int = 0
+                   ) -> Iterator[PlannedStep]:
     """The training steps from (epoch, batch_in_epoch) on, for ever.
 
     Each global batch is cut into world_size * accumulate contiguous slices of near-equal
@@ -246,17 +258,17 @@ def training_steps(data: EncodedCorpus, batch_tokens: int, seed: int, epoch: int
     each. A slice left empty by a tiny batch becomes a zero-weight pass over one sentence, so
     that every rank still joins the gradient all-reduce."""
     while True:
-        plan = token_batches(data.src_lens, data.tgt_lens, data.usable, batch_tokens, seed,
-                             epoch)
-        for index in range(batch_in_epoch, len(plan)):
-            global_batch = plan[index]
-            slices = np.array_split(global_batch, world_size * accumulate)
+        batches = token_batches(data.src_lens, data.tgt_lens, data.usable, plan.batch_tokens,
+                                plan.seed, epoch)
+        for index in range(batch_in_epoch, len(batches)):
+            global_batch = batches[index]
+            slices = np.array_split(global_batch, plan.world_size * plan.accumulate)
             parts = []
-            for part in slices[rank * accumulate:(rank + 1) * accumulate]:
+            for part in slices[plan.rank * plan.accumulate:(plan.rank + 1) * plan.accumulate]:
                 weight = 1.0 if len(part) else 0.0
                 part = part if len(part) else global_batch[:1]
-                parts.append((data.batch(part, pad=pad, bos=bos, eos=eos), weight))
-            yield PlannedStep(epoch, index, len(plan), parts, data.src_lens[global_batch],
+                parts.append((data.batch(part, pad=plan.pad, bos=plan.bos, eos=plan.eos), weight))
+            yield PlannedStep(epoch, index, len(batches), parts, data.src_lens[global_batch],
                               data.tgt_lens[global_batch])
         epoch, batch_in_epoch = epoch + 1, 0
 

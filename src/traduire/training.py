@@ -29,6 +29,7 @@ from traduire.batch import (
     EncodedCorpus,
     PlannedStep,
     Prefetcher,
+    StepPlan,
     training_steps,
 )
 from traduire.checkpoint import (
@@ -129,10 +130,11 @@ class Trainer:
             + f", {self.precision}"
             + (f", resuming at step {self.state.step}" if self.state.step else ""))
         tok = self.tokenizer
-        steps: Iterator[PlannedStep] = training_steps(
-            self.train_data, self.cfg.batch_tokens, self.cfg.seed, self.state.epoch,
-            self.state.batch_in_epoch, self.dist.rank, self.dist.world_size, self.cfg.accumulate,
-            pad=tok.pad_id, bos=tok.bos_id, eos=tok.eos_id)
+        plan = StepPlan(batch_tokens=self.cfg.batch_tokens, seed=self.cfg.seed, pad=tok.pad_id,
+                        bos=tok.bos_id, eos=tok.eos_id, rank=self.dist.rank,
+                        world_size=self.dist.world_size, accumulate=self.cfg.accumulate)
+        steps: Iterator[PlannedStep] = training_steps(self.train_data, plan, self.state.epoch,
+                                                      self.state.batch_in_epoch)
         if self.device.type == "cuda":
             # The next batches are gathered, padded and pinned while the GPU works, so that
             # the copy to the device is asynchronous. Not on a CPU: its cores all compute the
