@@ -43,12 +43,20 @@ from rich.console import Console
 
 from traduire import distributed
 from traduire.batch import EncodedCorpus
-from traduire.config import BOUND_KEYS, Config, DataConfig, changed_keys, fingerprint, load_config
+from traduire.config import (
+    BOUND_KEYS,
+    Config,
+    DataConfig,
+    changed_keys,
+    fingerprint,
+    load_config,
+    plain,
+)
 from traduire.data import clean, load_corpus, progress_bars
-from traduire.device import data_workers, resolve_device
+from traduire.device import resolve_device
 from traduire.errors import CheckpointError, DataError, TraduireError
 from traduire.files import atomic_open, atomic_write_text, move_aside, replace_directory
-from traduire.kernels import default_allocator
+from traduire.runtime import data_workers, default_allocator
 from traduire.tokenizer import Tokenizer, encode_corpus, train_tokenizer
 from traduire.training import Trainer, TrainState
 
@@ -83,12 +91,7 @@ def prepare(config: Config | str | Path, run_dir: str | Path, overrides: list[st
         raise TraduireError("traduire prepare runs in one process: start it without torchrun "
                             "(its cleaning and encoding use every core), then train under "
                             "torchrun")
-    config, run_dir = _as_config(config, overrides), Path(run_dir)
-    redo = check_run_dir(run_dir, config, overwrite, stages=("data", "tokenizer"))
-    _start(run_dir, config, redo)
-    with default_allocator():
-        prepare_data(config, run_dir)
-        prepare_tokenizer(config, run_dir)
+    _prepare(_as_config(config, overrides), Path(run_dir), overwrite, stages=("data", "tokenizer"))
 
 
 def _as_config(config: Config | str | Path, overrides: list[str]) -> Config:
@@ -107,11 +110,7 @@ def run(config: Config, run_dir: Path, overwrite: bool = False) -> TrainState:
     ctx = distributed.init(resolve_device(config.train.device).type)
 
     def prepare_on_main() -> None:
-        redo = check_run_dir(run_dir, config, overwrite)
-        _start(run_dir, config, redo)
-        with default_allocator():  # training's allocator settings hold its memory too long
-            prepare_data(config, run_dir)
-            prepare_tokenizer(config, run_dir)
+        _prepare(config, run_dir, overwrite)
         _write_record(run_dir, "model", config)
 
     # Every rank checks (reading only) that the directory may be used, so a foreign one stops
@@ -127,6 +126,16 @@ def run(config: Config, run_dir: Path, overwrite: bool = False) -> TrainState:
     if len(train_data) == 0:
         raise DataError(f"no training pair fits train.max_len={config.train.max_len} tokens")
     return Trainer(config, run_dir, tokenizer, train_data, valid_data).train()
+
+
+def _prepare(config: Config, run_dir: Path, overwrite: bool,
+             stages: tuple[str, ...] = STAGES) -> None:
+    """Check the config against the records of `stages`, mark the directory as a run, and
+    run the data and tokenizer stages (each skipped if done)."""
+    _start(run_dir, config, check_run_dir(run_dir, config, overwrite, stages))
+    with default_allocator():  # training's allocator settings hold its memory too long
+        prepare_data(config, run_dir)
+        prepare_tokenizer(config, run_dir)
 
 
 def prepare_data(config: Config, run_dir: Path) -> None:
@@ -211,8 +220,8 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
     cache.mkdir(exist_ok=True)
     # The cache file is named by the settings that made it: `datasets` reuses a cache file
     # by name alone, so a retrained tokenizer must never find the old one.
-    key = fingerprint(_plain({**stage_settings(config, "data"),
-                              **stage_settings(config, "tokenizer")}))
+    key = fingerprint(plain({**stage_settings(config, "data"),
+                             **stage_settings(config, "tokenizer")}))
     with replace_directory(run_dir / "encoded") as out, progress_bars(console.is_terminal):
         for split, pairs in (("train", train), ("valid", valid)):
             encoded = encode_corpus(pairs, tokenizer, cache / f"encoded-{split}-{key}.arrow",
@@ -297,7 +306,7 @@ def _start(run_dir: Path, config: Config, redo: str | None) -> None:
             console.print(f"overwrite: redoing the {redo} stage; old outputs moved to {moved}",
                           markup=False, highlight=False, soft_wrap=True)
     atomic_write_text(run_dir / "config.yaml",
-                      yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+                      yaml.safe_dump(plain(config.to_dict()), sort_keys=False))
 
 
 def _move_leftovers(run_dir: Path, stage: str) -> None:
@@ -337,7 +346,7 @@ def _read_record(run_dir: Path, stage: str) -> dict[str, Any] | None:
 
 
 def _write_record(run_dir: Path, stage: str, config: Config) -> None:
-    settings = _plain(stage_settings(config, stage))
+    settings = plain(stage_settings(config, stage))
     atomic_write_text(run_dir / "stages" / f"{stage}.json", json.dumps(
         {"fingerprint": fingerprint(settings), "settings": settings}, indent=2) + "\n")
 
@@ -353,12 +362,3 @@ def _check_format(run_dir: Path) -> None:
     if version > RUN_FORMAT_VERSION:
         raise CheckpointError(f"{run_dir}: made by a newer traduire (run format {version}, "
                               f"this version reads {RUN_FORMAT_VERSION}); upgrade traduire")
-
-
-def _plain(value: Any) -> Any:
-    """Tuples -> lists, so records compare equal after a JSON/YAML round trip."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
