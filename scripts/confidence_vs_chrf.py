@@ -71,12 +71,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
-    from traduire.evaluate import check_aligned, sentence_chrf
+    from traduire.evaluate import sentence_chrf
+    from traduire.files import check_line_counts
     from traduire.files import read_text_lines as read_text
     from traduire.translate import DecodeOptions, Translator
 
     sources, references = read_text(args.src), read_text(args.ref)
-    check_aligned(args.src, sources, args.ref, references)
+    check_line_counts(args.src, len(sources), args.ref, len(references),
+                      "sources and references must be line-aligned")
     if args.limit:
         sources, references = sources[:args.limit], references[:args.limit]
     translator = Translator.load(args.run_dir, device=args.device)
