@@ -4,6 +4,7 @@ output limits and the stream of training steps."""
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 import time
 
@@ -353,12 +354,24 @@ def test_prefetcher_ends_with_its_iterator_and_stays_depth_steps_ahead():
     for depth in (1, 2):
         pulled.clear()
         ahead = Prefetcher(source(), depth=depth)
+        # Item depth + 1 can be pulled only once item 0 was consumed (the queue holds `depth`);
+        # when putting it times out, the producer holds it and pulls no further until the
+        # consumer makes room: that is the moment to count.
+        full = threading.Event()
+        put = ahead._queue.put
+
+        def put_or_see_full(item, timeout=None, put=put, full=full, held=depth + 1):
+            try:
+                put(item, timeout=timeout)
+            except queue.Full:
+                if item == held:
+                    full.set()
+                raise
+
+        ahead._queue.put = put_or_see_full
         items = iter(ahead)
         assert next(items) == 0
-        deadline = time.monotonic() + 10
-        while len(pulled) < depth + 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.1)
+        assert full.wait(timeout=120)  # a safety net: it happens within milliseconds
         # The one consumed, `depth` waiting in the queue, one more waiting to get in.
         assert len(pulled) == depth + 2
         ahead.close()

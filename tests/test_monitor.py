@@ -3,12 +3,13 @@ the denominator."""
 
 from __future__ import annotations
 
-import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+import traduire.monitor
 from traduire.model import Transformer, TransformerShape
 from traduire.monitor import ModelFlops, Window, embedding_tables
 
@@ -60,15 +61,18 @@ def test_embedding_tables_count_a_shared_table_once():
 
 
 def window_of(flops: float, seconds: float) -> Window:
+    """A window that began `seconds` before the (frozen) clock's now."""
     window = Window()
     window.add(torch.tensor(10.0), src_tokens=300, tgt_tokens=200, flops=flops)
-    window.started = time.monotonic() - seconds
+    window.started = 1000.0 - seconds
     return window
 
 
-def test_mfu_divides_by_the_peak_of_every_device():
+def test_mfu_divides_by_the_peak_of_every_device(monkeypatch):
     # 4e12 FLOPs in 2 s is 2e12 FLOP/s: twice the peak of one device of 1e12 FLOP/s (the
-    # numbers need not be realistic), half the peak of four.
+    # numbers need not be realistic), half the peak of four. The clock is frozen, so a pause
+    # of the test process cannot change the figures.
+    monkeypatch.setattr(traduire.monitor, "time", SimpleNamespace(monotonic=lambda: 1000.0))
     one_device = window_of(4e12, 2.0).summary(10.0, 200, peak=1e12, devices=1)
     four_devices = window_of(4e12, 2.0).summary(10.0, 200, peak=1e12, devices=4)
     assert one_device["mfu"] == pytest.approx(2.0, rel=1e-3)
