@@ -5,6 +5,7 @@ on synthetic English-French corpora of 100k, 1M and 4M sentence pairs.
     python scripts/bench/data_scale.py                              # 100k, 1M, 4M
     python scripts/bench/data_scale.py --sizes 100k --keep          # keep the run directory
     nice -n 10 python scripts/bench/data_scale.py --sizes 1M --workers 2 --work-dir /tmp/ds
+    python scripts/bench/data_scale.py --tiny       # 2k pairs of a toy corpus, in seconds
 
 The corpora are recombined from the Multi30k training text, so sentence lengths and vocabulary
 are real while almost every pair is distinct: each synthetic pair starts from a random Multi30k
@@ -18,10 +19,8 @@ Each size runs in a fresh subprocess (this script started again) on a fresh run 
 the data and tokenizer sections of configs/multi30k-en-fr.yaml (joint unigram, 8000 pieces,
 default input_sentence_size). The four stages are timed by wrapping the functions that
 traduire.pipeline looks up as module globals (load_corpus, clean, train_tokenizer,
-encode_corpus), summed over splits; whatever runs outside them (saving Arrow, reloading it) is
-"other". Where the pipeline has a single prepare(config, run_dir) it is called instead of
-prepare_data and prepare_tokenizer, and wrapped names it no longer has are skipped, so the
-same script measures the code before and after a rewrite of the data pipeline.
+encode_corpus) around pipeline.prepare, summed over splits; whatever runs outside them (saving
+Arrow, reloading it) is "other".
 
 Peak RSS is sampled every 0.2 s over the benchmark process and all its descendants (e.g.
 `datasets` worker processes) and summed; pages shared between forked processes count once per
@@ -55,7 +54,16 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, apply_runtime_settings, cpu_model, print_table  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_DATA,
+    apply_runtime_settings,
+    cpu_flags,
+    cpu_model,
+    print_table,
+    write_tiny_corpus,
+)
+
+from traduire.runtime import data_workers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "multi30k-en-fr.yaml"
@@ -64,7 +72,6 @@ DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "traduire-data-scale"
 # Stage name -> the traduire.pipeline global that does it.
 STAGES = {"load": "load_corpus", "clean": "clean", "spm_train": "train_tokenizer",
           "encode": "encode_corpus"}
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
 
 # Bump when the generator changes, so cached corpora made by an older recipe are not reused.
 CORPUS_VERSION = 1
@@ -360,31 +367,11 @@ def git_commit(path: Path) -> tuple[str | None, str | None, bool]:
         return None, None, False
 
 
-def isa_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                return [flag for flag in ISA_FLAGS if flag in present]
-    except OSError:
-        pass
-    return []
-
-
 def version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _workers_used(config: Any) -> int | None:
-    """data.workers resolved (0: every core), on code that has it; None before."""
-    try:
-        from traduire.device import data_workers
-    except ImportError:
-        return None
-    return data_workers(config.data.workers)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -395,38 +382,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     notes = []
     overrides = [f"data.dir={args.corpus}", *args.set]
-    config = load_config(args.config, overrides)
     if args.workers is not None:
-        if hasattr(config.data, "workers"):
-            overrides.append(f"data.workers={args.workers}")
-            config = load_config(args.config, overrides)
-        else:
-            notes.append(f"--workers {args.workers} ignored: this code has no data.workers")
-            print(f"note: {notes[-1]}", file=sys.stderr)
+        overrides.append(f"data.workers={args.workers}")
+    config = load_config(args.config, overrides)
     n = args.child_n
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True)
 
     timer = StageTimer()
     for stage, name in STAGES.items():
-        original = getattr(pipeline, name, None)
-        if original is None:
-            notes.append(f"traduire.pipeline has no {name}: {stage} not timed separately")
-            continue
-        setattr(pipeline, name, timer.wrap(stage, original))
-    prepare = getattr(pipeline, "prepare", None)
+        setattr(pipeline, name, timer.wrap(stage, getattr(pipeline, name)))
 
     baseline_kib, _, _ = tree_rss_kib(os.getpid(), _has_children_files())
     sampler = PeakSampler(timer.current)
     sampler.start()
     start = time.perf_counter()
-    if callable(prepare):
-        entry = "prepare"
-        prepare(config, run_dir)
-    else:
-        entry = "prepare_data+prepare_tokenizer"
-        pipeline.prepare_data(config, run_dir)
-        pipeline.prepare_tokenizer(config, run_dir)
+    pipeline.prepare(config, run_dir)
     total = time.perf_counter() - start
     sampler.stop()
 
@@ -445,13 +416,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                           if stage in sampler.stage_peak_kib else None)}
     if timer.overlap:
         notes.append("wrapped calls overlapped: stage times overlap and 'other' is understated")
-    report = run_dir / "data" / "report.json"
-    kept = None
-    if report.exists():  # the layout of the code before the rewrite; absent is fine
-        kept = json.loads(report.read_text()).get("train", {}).get("kept")
+    kept = json.loads((run_dir / "data" / "report.json").read_text())["train"]["kept"]
     commit, code_commit, dirty = git_commit(Path(traduire.__file__).resolve().parent)
     return {
-        "benchmark": "data_scale", "n": n, "train_kept": kept, "entry": entry,
+        "benchmark": "data_scale", "n": n, "train_kept": kept,
         "stages": stages, "total_seconds": round(total, 2),
         "pairs_per_s": round(n / total),
         "peak_rss_mib": round(sampler.peak_kib * mib),
@@ -464,11 +432,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         # data.dir is the corpus, named separately; the rest is what differs from the file.
         "config": str(args.config),
         "overrides": [o for o in overrides if not o.startswith("data.dir=")],
-        "workers": getattr(config.data, "workers", None),
-        "workers_used": _workers_used(config),
+        "workers": config.data.workers,
+        "workers_used": data_workers(config.data.workers),
         "vocab_size": config.tokenizer.vocab_size,
         "input_sentence_size": config.tokenizer.input_sentence_size,
-        "cpu": cpu_model(), "isa": isa_flags(), "cores": len(os.sched_getaffinity(0)),
+        "cpu": cpu_model(), "isa": cpu_flags(), "cores": len(os.sched_getaffinity(0)),
         "nice": os.nice(0), "loadavg_start": args.loadavg,
         "torch": version("torch"), "datasets": version("datasets"),
         "sentencepiece": version("sentencepiece"), "python": sys.version.split()[0],
@@ -546,14 +514,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="seed of the synthetic corpora")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
                         help="corpora (cached) and run directories; outside the repository")
-    parser.add_argument("--workers", type=int,
-                        help="data.workers for code that has that key; ignored otherwise")
+    parser.add_argument("--workers", type=int, help="data.workers (0: every core)")
     parser.add_argument("--keep", action="store_true", help="keep the run directories")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="Multi30k folder with train.<lang> to recombine")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                         help="its data and tokenizer sections are used")
     parser.add_argument("--set", action="append", default=[], help="config override")
+    parser.add_argument("--tiny", action="store_true", help="2k pairs recombined from a toy "
+                        "corpus, 40 pieces, in a temporary work directory: checks that it runs")
     # Internal: one size, measured in this process (how the driver runs each size).
     for name, kind in (("--child-n", int), ("--corpus", str), ("--run-dir", str),
                        ("--result-file", str), ("--loadavg", float)):
@@ -566,6 +535,12 @@ def main() -> None:
         Path(args.result_file).write_text(json.dumps(result) + "\n")
         return
 
+    tiny_dir = None
+    if args.tiny:
+        tiny_dir = Path(tempfile.mkdtemp(prefix="traduire-data-scale-"))
+        args.data = write_tiny_corpus(tiny_dir / "data")
+        args.work_dir, args.sizes = tiny_dir / "work", "2k"
+        args.set = ["tokenizer.vocab_size=40", *args.set]
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     args.work_dir = args.work_dir.expanduser().resolve()
     if args.work_dir.is_relative_to(REPO):
@@ -595,10 +570,12 @@ def main() -> None:
     if done:
         print(f"traduire {done['commit'][:7] if done['commit'] else '?'} (package last changed "
               f"in {done['code_commit'][:7] if done['code_commit'] else '?'})"
-              f"{' (modified)' if done['dirty'] else ''}, {done['entry']}; "
+              f"{' (modified)' if done['dirty'] else ''}; "
               f"{done['cpu']}, {done['cores']} cores, nice {done['nice']}; torch {done['torch']}, "
               f"datasets {done['datasets']}, sentencepiece {done['sentencepiece']}; "
               f"whole benchmark {time.perf_counter() - start:,.0f} s")
+    if tiny_dir is not None:
+        shutil.rmtree(tiny_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
