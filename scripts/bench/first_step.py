@@ -3,6 +3,7 @@ of the first optimizer step, in parts, as `traduire train` does them.
 
     traduire prepare -c configs/multi30k-en-fr.yaml -r RUN --set data.dir=CORPUS   # once
     python scripts/bench/first_step.py --run-dir RUN --set train.threads=2
+    python scripts/bench/first_step.py --tiny      # a toy corpus prepared here, in seconds
 
 The parts: open the encoded splits (datasets.load_from_disk), read their lengths
 (EncodedCorpus), build the model and optimizer (Trainer), plan the first epoch's batches
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -23,7 +25,14 @@ from pathlib import Path
 import datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import apply_runtime_settings, machine, peak_rss_mib, print_table  # noqa: E402
+from common import (  # noqa: E402
+    TINY_OVERRIDES,
+    apply_runtime_settings,
+    machine,
+    peak_rss_mib,
+    print_table,
+    write_tiny_corpus,
+)
 
 from traduire.batch import EncodedCorpus, StepPlan, token_batches, training_steps  # noqa: E402
 from traduire.config import load_config  # noqa: E402
@@ -34,11 +43,24 @@ from traduire.training import Trainer  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, required=True,
+    parser.add_argument("--run-dir", type=Path,
                         help="a run directory that `traduire prepare` has filled")
     parser.add_argument("--set", action="append", default=[], help="config override")
+    parser.add_argument("--tiny", action="store_true", help="prepare a toy corpus for a toy "
+                        "model in a temporary run directory first: checks that it runs")
     args = parser.parse_args()
     apply_runtime_settings()
+    tiny_dir = None
+    if args.tiny:
+        from traduire.pipeline import prepare
+
+        tiny_dir = Path(tempfile.mkdtemp(prefix="traduire-first-step-"))
+        args.run_dir = tiny_dir / "run"
+        prepare(Path(__file__).resolve().parents[2] / "configs" / "multi30k-en-fr.yaml",
+                args.run_dir, [f"data.dir={write_tiny_corpus(tiny_dir / 'data')}",
+                               *TINY_OVERRIDES, "train.precision=fp32"])
+    elif args.run_dir is None:
+        parser.error("--run-dir is required (or --tiny)")
     config = load_config(args.run_dir / "config.yaml", ["train.progress=false", *args.set])
     seconds: dict[str, float] = {}
     last = time.perf_counter()
@@ -86,6 +108,8 @@ def main() -> None:
     print_table([{"part": part, "seconds": s} for part, s in seconds.items()],
                 ["part", "seconds"])
     print(f"model built -> end of first step (as training does it): {after_model} s")
+    if tiny_dir is not None:
+        shutil.rmtree(tiny_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ beam-5 translations of test_2016_flickr and test_2017_flickr with sacreBLEU.
 
     python scripts/bench/quality.py --run-dir runs/m30k-quality            # 30 minutes
     python scripts/bench/quality.py --budget 30m --set train.warmup_steps=400
+    python scripts/bench/quality.py --tiny      # a toy corpus and model for 3 s, then scored
 
 Re-running with the same run directory skips training that is already done.
 """
@@ -11,14 +12,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, apply_runtime_settings, machine, print_table  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_DATA,
+    TESTS,
+    TINY_OVERRIDES,
+    apply_runtime_settings,
+    machine,
+    print_table,
+    write_tiny_corpus,
+)
 
 from traduire.config import load_config  # noqa: E402
 from traduire.evaluate import score  # noqa: E402
@@ -39,8 +50,16 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config override")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="decoding precision (as traduire translate --precision)")
+    parser.add_argument("--tiny", action="store_true", help="a toy corpus and model in a "
+                        "temporary run directory, trained for 3 s: checks that it runs")
     args = parser.parse_args()
     apply_runtime_settings()
+    tiny_dir = None
+    if args.tiny:
+        tiny_dir = Path(tempfile.mkdtemp(prefix="traduire-quality-"))
+        args.data = write_tiny_corpus(tiny_dir / "data")
+        args.run_dir, args.budget = tiny_dir / "run", "3s"
+        args.set = [*TINY_OVERRIDES, "train.save_every=20", "train.progress=false", *args.set]
 
     overrides = [f"train.max_time={args.budget}", f"data.dir={args.data}", *args.set]
     config = load_config(args.config, overrides)
@@ -51,7 +70,7 @@ def main() -> None:
     translator = Translator.load(args.run_dir, checkpoint, "cpu", args.precision)
     torch.set_num_threads(config.train.threads or torch.get_num_threads())
     rows = []
-    for test in ("test_2016_flickr", "test_2017_flickr"):
+    for test in TESTS:
         sources = read_text(args.data / f"{test}.en")
         references = read_text(args.data / f"{test}.fr")
         start = time.perf_counter()
@@ -72,6 +91,8 @@ def main() -> None:
     print_table(rows, ["test", "bleu", "chrf", "decode_s"])
     print(f"{state.step} steps, {state.epoch} epochs in {state.elapsed / 60:.1f} min; "
           f"checkpoint {translator.checkpoint.name}; {rows[0]['bleu_signature']}")
+    if tiny_dir is not None:
+        shutil.rmtree(tiny_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

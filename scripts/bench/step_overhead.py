@@ -3,12 +3,14 @@ batch, padding, logging, agreeing on when to stop, every piece of host work on t
 path. Measured with torch.profiler on CPU over whole iterations of the real training loop.
 
     python scripts/bench/step_overhead.py --steps 40 --warmup 10 --threads 2
-    # the same measurement of another checkout of traduire (e.g. an older commit):
-    PYTHONPATH=../old/src python scripts/bench/step_overhead.py --run-dir runs/bench-old
+    python scripts/bench/step_overhead.py --tiny      # a toy corpus and model, in seconds
+    # the same measurement of another checkout (e.g. an older commit), by its own script:
+    git worktree add --detach ../old COMMIT
+    PYTHONPATH=../old/src python ../old/scripts/bench/step_overhead.py --run-dir runs/bench-old
 
-It measures whichever traduire Python imports (its commit is printed), so the same script
-times older code. The run directory keeps the data and tokenizer stages between runs; the
-model stage starts afresh each time (no checkpoint is written or resumed, no validation).
+It measures whichever traduire Python imports (its commit is printed). The run directory keeps
+the data and tokenizer stages between runs; the model stage starts afresh each time (no
+checkpoint is written or resumed, no validation).
 
 A step, in the profile, is one iteration of the training loop: from the start of one
 optimizer step's work to the start of the next. Inside it, three labelled ranges: forward
@@ -25,22 +27,25 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, machine  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_DATA,
+    TINY_OVERRIDES,
+    apply_runtime_settings,
+    machine,
+    write_tiny_corpus,
+)
 
 import traduire  # noqa: E402
 from traduire.config import load_config  # noqa: E402
 from traduire.pipeline import run  # noqa: E402
-
-try:
-    from traduire.training import Trainer
-except ImportError:  # traduire before the training loop moved to training.py
-    from traduire.train import Trainer
+from traduire.training import Trainer  # noqa: E402
 
 RANGES = ("forward", "backward", "optimizer")
 
@@ -105,13 +110,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="steps before profiling")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="config override")
+    parser.add_argument("--tiny", action="store_true", help="a toy corpus and model in a "
+                        "temporary run directory, 4 steps after 2: checks that it runs")
     args = parser.parse_args()
-
-    try:  # the command line's runtime settings (older traduire applied them on import)
-        from traduire.kernels import configure_runtime
-        configure_runtime()
-    except ImportError:
-        pass
+    apply_runtime_settings()
+    tiny_dir = None
+    if args.tiny:
+        tiny_dir = Path(tempfile.mkdtemp(prefix="traduire-step-overhead-"))
+        args.data = write_tiny_corpus(tiny_dir / "data")
+        args.run_dir = tiny_dir / "run"
+        args.steps, args.warmup = 4, 2
+        args.set = [*TINY_OVERRIDES, *args.set]
     # Two steps past the profiled ones, so that the last profiled step ends where the next
     # begins, before the final step's validation and checkpoint.
     config = load_config(args.config, [
@@ -145,6 +154,8 @@ def main() -> None:
     for key in ("step", *RANGES, "outside"):
         print(f"  {key:<10}{mean[key]:>9.1f} ms  {mean[key] / mean['step']:>6.1%}")
     print(json.dumps(result))
+    if tiny_dir is not None:
+        shutil.rmtree(tiny_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
