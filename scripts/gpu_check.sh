@@ -140,7 +140,9 @@ else
     fi
 
     if [ "$EVAL" = "1" ] && [ -f "$RUN/best.pt" ] && [ -f "$DATA_DIR/test_2016_flickr.en" ]; then
-        section "3c. BLEU of $RUN (best.pt) on test_2016_flickr, beam 5, on the GPU"
+        # eval decodes the run's default checkpoint: average.pt where training wrote one
+        # (train.average_last, kept only if it validated better), else best.pt.
+        section "3c. BLEU of $RUN (average.pt, else best.pt) on test_2016_flickr, beam 5, GPU"
         step "eval" timeout 300 "$PYTHON" -m traduire eval -r "$RUN" --device cuda \
             --src "$DATA_DIR/test_2016_flickr.en" --ref "$DATA_DIR/test_2016_flickr.fr" \
             --output "$RUN/test_2016_flickr.hyp.fr"
@@ -171,7 +173,7 @@ for run in sys.argv[1:]:
               f"{statistics.median(r['tok_per_s'] for r in steady):,.0f}; target tokens/s: "
               f"median {statistics.median(r['tgt_tok_per_s'] for r in steady):,.0f}")
         print("  MFU: " + (f"last {last['mfu']:.2%}, median {statistics.median(mfu):.2%}"
-                           if mfu else "n/a (GPU not in train.PEAK_FLOPS)"))
+                           if mfu else "n/a (GPU not in monitor.PEAK_FLOPS)"))
         peak = max((r.get("gpu_mem_gib") or 0) for r in train)
         print(f"  peak GPU memory (max_memory_allocated): {peak:.2f} GiB")
     if valid:
