@@ -173,6 +173,7 @@ def _next_token_logits(model: Transformer, state: _Search) -> tuple[Tensor, Tens
     log_norm = logits.logsumexp(-1, keepdim=True)
     logits[:, state.pad] = float("-inf")
     logits[:, state.bos] = float("-inf")
+    # Each row's limit is its sentence's (with one row per sentence, no copy is needed).
     max_len = state.max_len if state.k == 1 else state.max_len.repeat_interleave(state.k)
     at_limit = max_len <= state.step
     if at_limit.any():  # rare: skip building a (rows, vocab) mask on every other step
