@@ -271,6 +271,13 @@ def test_compare_tiny_skips_fairseq_and_records_what_each_system_decoded(tiny_ru
     assert ["steps", "trained", "traduire", str(record["traduire_steps"])] in rows
     assert "beam-5 sent/s, batch tokens" in table
     assert "decoding: no warm-up pass for anyone" in table
+    assert set(record["isa"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_tile"}
+    assert set(record["quality"]) == {"traduire test_2016_flickr", "traduire test_2017_flickr",
+                                      "traduire fp32 test_2016_flickr",
+                                      "traduire int8 test_2016_flickr"}
+    header = next(line for line in out.splitlines() if line.startswith("figure"))
+    assert header.split() == ["figure", "system", "value", "vs", "fairseq", "vs", "ct2", "int8"]
+    assert "beam-5 sent/s, batch 64" in out and "BLEU / chrF" in out
 
 
 @tiny("decode_speed")
