@@ -18,7 +18,8 @@ SOURCE = ROOT / "src" / "traduire"
 # Import names whose distribution is called something else.
 DISTRIBUTIONS = {"yaml": "pyyaml"}
 # Imported only inside the function that needs them, for an optional extra.
-OPTIONAL = {"ctranslate2": "ctranslate2", "matplotlib": "plot", "tensorboard": "tensorboard"}
+OPTIONAL = {"ctranslate2": "ctranslate2", "matplotlib": "plot", "tensorboard": "tensorboard",
+            "transformers": "hf"}
 
 
 def project() -> dict:
@@ -145,7 +146,7 @@ def imports_of(path: Path) -> set[str]:
 # and nothing may form a cycle.
 LAYERS = [
     {"cli", "__main__"},
-    {"pipeline", "export", "report", "translate_files"},
+    {"pipeline", "export", "report", "translate_files", "huggingface"},
     {"translate"},
     {"analysis", "training", "ctranslate2_engine"},
     {"evaluate", "monitor", "loading"},

@@ -153,7 +153,7 @@ def attention_map(model: Transformer, tokenizer: Tokenizer, sentence: str,
     if not sentence.strip():
         raise TraduireError("the sentence is empty")
     src_ids = source_ids(model, tokenizer, sentence)
-    src_pieces = [tokenizer.src.id_to_piece(i) for i in src_ids] + [EOS_WORD]
+    src_pieces = tokenizer.src_pieces(src_ids) + [EOS_WORD]
     src_spans = group_pieces(src_pieces)
     src_words = word_labels(src_pieces, src_spans, sentence)
     if output is None:
@@ -275,7 +275,7 @@ def confidence(model: Transformer, tokenizer: Tokenizer, src_ids: list[list[int]
     out = []
     for row, (ids, hyp) in enumerate(zip(src_ids, best)):
         per_piece = cross[row, :, :, :tgt_lengths[row], :len(ids)].sum(2).mean((0, 1)).cpu()
-        pieces = [tokenizer.src.id_to_piece(i) for i in ids]
+        pieces = tokenizer.src_pieces(ids)
         spans = group_pieces(pieces)
         coverage = [float(per_piece[span].sum()) for span in spans]
         low = sum(c < threshold for c in coverage) / max(len(coverage), 1)

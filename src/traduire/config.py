@@ -62,7 +62,9 @@ Duration = Annotated[str, _duration]
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["files", "hub", "bible"] = "files"
+    # none: a run without data of its own (one `traduire import` made, to translate with or
+    # to fine-tune from into another run directory)
+    source: Literal["files", "hub", "bible", "none"] = "files"
     src_lang: str = "en"
     tgt_lang: str = "fr"
     # files: <dir>/<prefix>.<lang> aligned text, or <dir>/<prefix>.tsv / .jsonl
@@ -121,10 +123,16 @@ class ModelConfig:
     # Dropout after the FFN activation: off by default, as in fairseq; it is the costliest
     # dropout on CPU (it acts on the widest tensor).
     activation_dropout: Probability = 0.0
-    activation: Literal["relu", "gelu"] = "relu"
+    activation: Literal["relu", "gelu", "swish"] = "relu"  # swish = SiLU, x * sigmoid(x)
     norm: Literal["pre", "post"] = "pre"
     max_positions: Positive[int] = 1024
     share_embeddings: bool = True
+    # Token embeddings multiplied by sqrt(d_model) before the positions are added (section
+    # 3.4). Some published models leave it out (transformers' `scale_embedding: false`).
+    scale_embedding: bool = True
+    # A learned bias added to the output scores of every target token (Marian's
+    # `final_logits_bias`); off in the paper.
+    output_bias: bool = False
 
 
 # Model shapes by name. base and big are Vaswani et al. (2017), Table 3; small is the usual
@@ -155,6 +163,11 @@ class TrainConfig:
     clip_norm: NonNegative[float] = 0.0  # 0 disables gradient clipping
     # Autocast dtype (fp16 adds loss scaling); auto = bf16 where the hardware has it natively.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Start the model from these weights instead of random ones: a traduire run directory (its
+    # average.pt or best.pt), one of its checkpoints, or a run made by `traduire import`. The
+    # source's tokenizer is used (no SentencePiece is trained) and its architecture kept; the
+    # optimizer and schedule start afresh.
+    init_from: str | None = None
     compile: bool = False  # torch.compile the model (helps on GPU; rarely on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: NonNegative[int] = 0  # torch intra-op threads on CPU; 0 leaves torch's default

@@ -46,7 +46,7 @@ class CTranslate2Engine:
         self.translator, self.tokenizer, self.compute_type = translator, tokenizer, compute_type
         self.max_positions = max_positions
         tok = tokenizer
-        self.src_vocab = [tok.src.id_to_piece(i) for i in range(tok.src_vocab_size)]
+        self.src_vocab = tok.src_pieces(list(range(tok.src_vocab_size)))
         self.tgt_ids = {p: i for i, p in enumerate(tok.tgt_pieces(range(tok.tgt_vocab_size)))}
         # As in traduire's search, BOS and padding are never generated.
         self.never = [tok.tgt_pieces([i]) for i in (tok.bos_id, tok.pad_id)]

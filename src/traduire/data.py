@@ -54,6 +54,10 @@ def load_corpus(cfg: DataConfig, cache_dir: Path, workers: int = 1
     if cfg.source == "hub":
         return {split: _load_hub(cfg, name, cache_dir, workers)
                 for split, name in (("train", cfg.train_split), ("valid", cfg.valid_split))}
+    if cfg.source == "none":
+        raise DataError("this run has no data of its own ('data.source: none', as `traduire "
+                        "import` makes); to train on it, give a config with your data and "
+                        "'train.init_from' set to this run, and another --run-dir")
     return _load_bible(cfg)
 
 

@@ -62,19 +62,22 @@ def ctranslate2_spec(model: Transformer, tokenizer: Tokenizer):
 
     shape = model.shape
     activation = {"relu": common_spec.Activation.RELU,
-                  "gelu": common_spec.Activation.GELU}[shape.activation]
+                  "gelu": common_spec.Activation.GELU,
+                  "swish": common_spec.Activation.SWISH}[shape.activation]
     spec = transformer_spec.TransformerSpec.from_config(
         (shape.encoder_layers, shape.decoder_layers), shape.heads,
         pre_norm=shape.norm == "pre", activation=activation)
     positions = _numpy(model.encoder.positions.table)
     for stack, torch_stack in ((spec.encoder, model.encoder), (spec.decoder, model.decoder)):
-        stack.scale_embeddings = True
+        stack.scale_embeddings = shape.scale_embedding
         stack.position_encodings.encodings = positions
         if shape.norm == "pre":
             _set_norm(stack.layer_norm, torch_stack.final_norm)
     spec.encoder.embeddings[0].weight = _numpy(model.encoder.embedding.weight)
     spec.decoder.embeddings.weight = _numpy(model.decoder.embedding.weight)
     spec.decoder.projection.weight = _numpy(model.decoder.embedding.weight)
+    if model.output_bias is not None:
+        spec.decoder.projection.bias = _numpy(model.output_bias)
     for layer_spec, layer in zip(spec.encoder.layer, model.encoder.layers, strict=True):
         _set_attention(layer_spec.self_attention, layer.self_attn, layer.attn_block)
         _set_ffn(layer_spec.ffn, layer)
@@ -84,8 +87,7 @@ def ctranslate2_spec(model: Transformer, tokenizer: Tokenizer):
         _set_ffn(layer_spec.ffn, layer)
 
     pieces = tokenizer.tgt_pieces(list(range(tokenizer.tgt_vocab_size)))
-    spec.register_source_vocabulary(
-        [tokenizer.src.id_to_piece(i) for i in range(tokenizer.src_vocab_size)])
+    spec.register_source_vocabulary(tokenizer.src_pieces(list(range(tokenizer.src_vocab_size))))
     spec.register_target_vocabulary(pieces)
     spec.config.unk_token = pieces[tokenizer.unk_id]
     spec.config.bos_token = spec.config.decoder_start_token = pieces[tokenizer.bos_id]

@@ -59,8 +59,10 @@ def quantize_int8(model: Transformer) -> Transformer:
         per_channel = {nn.Linear: per_channel_dynamic_qconfig}
         quantized = quantize_dynamic(copy.deepcopy(model), per_channel, dtype=torch.qint8)
         embedding = model.decoder.embedding.weight.detach().float()
-        tied = nn.Linear(embedding.size(1), embedding.size(0), bias=False)
+        tied = nn.Linear(embedding.size(1), embedding.size(0), bias=model.output_bias is not None)
         tied.weight = nn.Parameter(embedding.clone())
+        if model.output_bias is not None:
+            tied.bias = nn.Parameter(model.output_bias.detach().float().clone())
         projection = quantize_dynamic(nn.Sequential(tied), per_channel, dtype=torch.qint8)[0]
     quantized.int8_projection = projection
     quantized.project = projection.forward  # this instance's output projection

@@ -46,6 +46,8 @@ class TransformerShape:
     # One matrix for the source and target embeddings. The output projection is tied to the
     # target embedding whatever this says (section 3.4).
     share_embeddings: bool = _DEFAULT.share_embeddings
+    scale_embedding: bool = _DEFAULT.scale_embedding
+    output_bias: bool = _DEFAULT.output_bias  # a learned score offset per target token
     pad_id: int = 0
 
     @classmethod
@@ -65,13 +67,14 @@ class TransformerShape:
 
 class TokenEmbedding(nn.Module):
     """Token embeddings scaled by sqrt(d_model) (section 3.4): keeps their magnitude comparable
-    to the sinusoidal positions they are added to."""
+    to the sinusoidal positions they are added to. (`scale=False` leaves them as they are, as
+    some published models do.)"""
 
-    def __init__(self, vocab_size: int, d_model: int, pad_id: int) -> None:
+    def __init__(self, vocab_size: int, d_model: int, pad_id: int, scale: bool = True) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
         self.pad_id = pad_id
-        self.scale = math.sqrt(d_model)
+        self.scale = math.sqrt(d_model) if scale else 1.0
         # std d^-1/2 so that after scaling by sqrt(d) the embeddings have unit variance.
         nn.init.normal_(self.weight, mean=0.0, std=d_model**-0.5)
         with torch.no_grad():
@@ -82,17 +85,21 @@ class TokenEmbedding(nn.Module):
 
 
 class SinusoidalPositions(nn.Module):
-    """Fixed sinusoidal position encodings (section 3.5); a buffer, not a parameter."""
+    """Fixed sinusoidal position encodings (section 3.5); a buffer, not a parameter.
+
+    Dimension 2i holds sin(pos / 10000^(2i/d)) and 2i+1 the cosine (the paper's interleaving).
+    Other layouts (Marian puts every sine before every cosine) are the same encoding with the
+    dimensions permuted: see huggingface.py. Computed in float64, then rounded, so that the
+    table is the same to the last bit whichever toolkit computed it."""
 
     def __init__(self, d_model: int, max_positions: int) -> None:
         super().__init__()
-        position = torch.arange(max_positions, dtype=torch.float32).unsqueeze(1)
-        inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32)
-                             * (-math.log(10000.0) / d_model))
-        table = torch.zeros(max_positions, d_model)
+        position = torch.arange(max_positions, dtype=torch.float64).unsqueeze(1)
+        inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+        table = torch.zeros(max_positions, d_model, dtype=torch.float64)
         table[:, 0::2] = torch.sin(position * inv_freq)
-        table[:, 1::2] = torch.cos(position * inv_freq)
-        self.register_buffer("table", table, persistent=False)
+        table[:, 1::2] = torch.cos(position * inv_freq)[:, :d_model // 2]
+        self.register_buffer("table", table.float(), persistent=False)
 
     def forward(self, length: int, offset: int = 0) -> Tensor:
         """Encodings for positions offset .. offset+length-1, shaped (length, d_model)."""
@@ -233,7 +240,7 @@ class PositionwiseFeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_model, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, d_model)
-        self.activation = {"relu": F.relu, "gelu": F.gelu}[activation]
+        self.activation = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}[activation]
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -407,11 +414,15 @@ class Transformer(nn.Module):
         if shape.share_embeddings and shape.src_vocab_size != shape.tgt_vocab_size:
             raise ValueError("shared embeddings need one joint vocabulary")
         positions = SinusoidalPositions(shape.d_model, shape.max_positions)
-        tgt_embedding = TokenEmbedding(shape.tgt_vocab_size, shape.d_model, shape.pad_id)
+        tgt_embedding = TokenEmbedding(shape.tgt_vocab_size, shape.d_model, shape.pad_id,
+                                       shape.scale_embedding)
         src_embedding = (tgt_embedding if shape.share_embeddings
-                         else TokenEmbedding(shape.src_vocab_size, shape.d_model, shape.pad_id))
+                         else TokenEmbedding(shape.src_vocab_size, shape.d_model, shape.pad_id,
+                                             shape.scale_embedding))
         self.encoder = Encoder(shape, src_embedding, positions)
         self.decoder = Decoder(shape, tgt_embedding, positions)
+        self.output_bias = (nn.Parameter(torch.zeros(shape.tgt_vocab_size))
+                            if shape.output_bias else None)
         self._init_linear_layers()
 
     def _init_linear_layers(self) -> None:
@@ -445,8 +456,8 @@ class Transformer(nn.Module):
     def project(self, hidden: Tensor) -> Tensor:
         """Scores of every target token: the output projection, which reuses the target
         embedding matrix (section 3.4): one matrix maps tokens to vectors and vectors back to
-        token scores."""
-        return F.linear(hidden, self.decoder.embedding.weight)
+        token scores; plus a learned bias per token where the model has one."""
+        return F.linear(hidden, self.decoder.embedding.weight, self.output_bias)
 
     def forward(self, src: Tensor, tgt_in: Tensor, attention: AttentionWeights | None = None
                 ) -> Tensor:

@@ -111,7 +111,7 @@ def run(config: Config, run_dir: Path, overwrite: bool = False) -> TrainState:
 
     def prepare_on_main() -> None:
         _prepare(config, run_dir, overwrite)
-        _write_record(run_dir, "model", config)
+        write_record(run_dir, "model", config)
 
     # Every rank checks (reading only) that the directory may be used, so a foreign one stops
     # all of them at once; rank 0's outcome is then written into the run directory only.
@@ -148,7 +148,7 @@ def prepare_data(config: Config, run_dir: Path) -> None:
     console.print(f"data: loading and cleaning the corpus ({_processes(workers)})")
     with progress_bars(console.is_terminal):
         _clean_and_save(config, run_dir, workers)
-    _write_record(run_dir, "data", config)
+    write_record(run_dir, "data", config)
 
 
 def _clean_and_save(config: Config, run_dir: Path, workers: int) -> None:
@@ -230,7 +230,7 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
             pieces = [pc.sum(encoded.data.column(f"{side}_len")).as_py() or 0
                       for side in ("src", "tgt")]
             console.print(f"  {split}: {pieces[0]:,} source and {pieces[1]:,} target pieces")
-    _write_record(run_dir, "tokenizer", config)
+    write_record(run_dir, "tokenizer", config)
     # `datasets`' intermediate files (the loaded, judged and encoded copies: 3-5x the corpus
     # on disk) are no longer needed once both stages have saved their outputs.
     shutil.rmtree(run_dir / "cache", ignore_errors=True)
@@ -345,7 +345,7 @@ def _read_record(run_dir: Path, stage: str) -> dict[str, Any] | None:
         raise CheckpointError(f"{path}: unreadable stage record") from None
 
 
-def _write_record(run_dir: Path, stage: str, config: Config) -> None:
+def write_record(run_dir: Path, stage: str, config: Config) -> None:
     settings = plain(stage_settings(config, stage))
     atomic_write_text(run_dir / "stages" / f"{stage}.json", json.dumps(
         {"fingerprint": fingerprint(settings), "settings": settings}, indent=2) + "\n")

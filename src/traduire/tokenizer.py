@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -28,28 +29,43 @@ from traduire.runtime import processes
 
 
 class Tokenizer:
-    """Source and target SentencePiece processors (one object twice when joint)."""
+    """Source and target SentencePiece processors (one object twice when joint).
 
-    def __init__(self, src: spm.SentencePieceProcessor, tgt: spm.SentencePieceProcessor) -> None:
-        self.src, self.tgt = src, tgt
-        self.pad_id, self.unk_id = tgt.pad_id(), tgt.unk_id()
-        self.bos_id, self.eos_id = tgt.bos_id(), tgt.eos_id()
+    With a `Vocabulary` (a tokenizer imported from a Marian model, say) the ids are that
+    vocabulary's: SentencePiece cuts the text into pieces and each piece is looked up by name,
+    as the toolkit that made the model does. Otherwise the ids are SentencePiece's own."""
+
+    def __init__(self, src: spm.SentencePieceProcessor, tgt: spm.SentencePieceProcessor,
+                 vocabulary: Vocabulary | None = None) -> None:
+        self.src, self.tgt, self.vocabulary = src, tgt, vocabulary
+        if vocabulary is None:
+            self.pad_id, self.unk_id = tgt.pad_id(), tgt.unk_id()
+            self.bos_id, self.eos_id = tgt.bos_id(), tgt.eos_id()
+        else:
+            self.pad_id, self.unk_id = vocabulary.pad_id, vocabulary.unk_id
+            self.bos_id, self.eos_id = vocabulary.bos_id, vocabulary.eos_id
         self._fingerprint: str | None = None
 
     @classmethod
     def load(cls, directory: Path) -> Tokenizer:
         joint = directory / "spm.model"
+        vocabulary = Vocabulary.load(directory / VOCABULARY_FILE)
         if joint.exists():
             model = _processor(joint)
-            return cls(model, model)
-        return cls(_processor(directory / "spm.src.model"), _processor(directory / "spm.tgt.model"))
+            return cls(model, model, vocabulary)
+        return cls(_processor(directory / "spm.src.model"), _processor(directory / "spm.tgt.model"),
+                   vocabulary)
 
     @property
     def src_vocab_size(self) -> int:
+        if self.vocabulary is not None:
+            return len(self.vocabulary.src)
         return self.src.get_piece_size()
 
     @property
     def tgt_vocab_size(self) -> int:
+        if self.vocabulary is not None:
+            return len(self.vocabulary.tgt)
         return self.tgt.get_piece_size()
 
     def fingerprint(self) -> str:
@@ -58,8 +74,8 @@ class Tokenizer:
         SentencePiece models however often they are loaded; different when any piece differs,
         even at the same vocabulary size (where the weights would load but mean nothing)."""
         if self._fingerprint is None:  # 32k pieces take about 10 ms: once per tokenizer
-            src = self.src.id_to_piece(list(range(self.src_vocab_size)))
-            tgt = src if self.tgt is self.src else self.tgt.id_to_piece(
+            src = self.src_pieces(list(range(self.src_vocab_size)))
+            tgt = src if self.tgt is self.src and self.vocabulary is None else self.tgt_pieces(
                 list(range(self.tgt_vocab_size)))
             meaning = {"src": src, "tgt": tgt,
                        "special": [self.pad_id, self.unk_id, self.bos_id, self.eos_id]}
@@ -69,6 +85,8 @@ class Tokenizer:
         return self._fingerprint
 
     def encode_src(self, texts: list[str]) -> list[list[int]]:
+        if self.vocabulary is not None:
+            return self.vocabulary.src_ids(self.src.encode(texts, out_type=str))
         return self.src.encode(texts)
 
     def encode_sources(self, texts: list[str], max_positions: int
@@ -79,13 +97,83 @@ class Tokenizer:
         return [s[:limit] for s in ids], [len(s) > limit for s in ids]
 
     def encode_tgt(self, texts: list[str]) -> list[list[int]]:
+        if self.vocabulary is not None:
+            return self.vocabulary.tgt_ids(self.tgt.encode(texts, out_type=str))
         return self.tgt.encode(texts)
 
     def decode_tgt(self, ids: list[list[int]]) -> list[str]:
-        return self.tgt.decode(ids)
+        if self.vocabulary is None:
+            return self.tgt.decode(ids)
+        control = {self.pad_id, self.bos_id, self.eos_id}
+        # SentencePiece joins the pieces; the word marks of pieces it does not know itself
+        # (a vocabulary may hold more) are left in, so they become spaces here.
+        return [self.tgt.decode_pieces(self.tgt_pieces([i for i in row if i not in control]))
+                .replace("\u2581", " ").strip() for row in ids]
+
+    def src_pieces(self, ids: list[int]) -> list[str]:
+        if self.vocabulary is not None:
+            return [self.vocabulary.src[i] for i in ids]
+        return [self.src.id_to_piece(i) for i in ids]
 
     def tgt_pieces(self, ids: list[int]) -> list[str]:
+        if self.vocabulary is not None:
+            return [self.vocabulary.tgt[i] for i in ids]
         return [self.tgt.id_to_piece(i) for i in ids]
+
+
+VOCABULARY_FILE = "vocab.json"
+
+
+@dataclass
+class Vocabulary:
+    """Pieces by id, for a model whose ids are not SentencePiece's (Marian's: one vocabulary
+    over two SentencePiece models, the special pieces where that toolkit put them). `bos_id`
+    is the token the decoder starts from (Marian starts from padding)."""
+
+    src: list[str]
+    tgt: list[str]
+    pad_id: int
+    unk_id: int
+    bos_id: int
+    eos_id: int
+
+    def __post_init__(self) -> None:
+        self._src_index = {piece: i for i, piece in enumerate(self.src)}
+        self._tgt_index = (self._src_index if self.tgt is self.src
+                           else {piece: i for i, piece in enumerate(self.tgt)})
+
+    def src_ids(self, pieces: list[list[str]]) -> list[list[int]]:
+        index, unk = self._src_index, self.unk_id
+        return [[index.get(p, unk) for p in row] for row in pieces]
+
+    def tgt_ids(self, pieces: list[list[str]]) -> list[list[int]]:
+        index, unk = self._tgt_index, self.unk_id
+        return [[index.get(p, unk) for p in row] for row in pieces]
+
+    @classmethod
+    def load(cls, path: Path) -> Vocabulary | None:
+        """The vocabulary in `path`, or None where there is none (SentencePiece's ids)."""
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            src = data["source"]
+            tgt = data.get("target") or src
+            vocabulary = cls(src, tgt, *(int(data[k]) for k in ("pad_id", "unk_id", "bos_id",
+                                                                  "eos_id")))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TraduireError(f"{path}: unreadable vocabulary ({e})") from None
+        size = min(len(vocabulary.src), len(vocabulary.tgt))
+        if not all(0 <= i < size for i in (vocabulary.pad_id, vocabulary.unk_id,
+                                           vocabulary.bos_id, vocabulary.eos_id)):
+            raise TraduireError(f"{path}: a special id lies outside the vocabulary")
+        return vocabulary
+
+    def save(self, path: Path) -> None:
+        data = {"source": self.src, "target": None if self.tgt is self.src else self.tgt,
+                "pad_id": self.pad_id, "unk_id": self.unk_id, "bos_id": self.bos_id,
+                "eos_id": self.eos_id}
+        atomic_write_bytes(path, json.dumps(data, ensure_ascii=False).encode("utf-8"))
 
 
 def _processor(path: Path) -> spm.SentencePieceProcessor:
