@@ -12,9 +12,9 @@ import json
 import multiprocessing
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
