@@ -43,8 +43,11 @@ def _global(ctx: typer.Context, debug: Annotated[bool, typer.Option(
         raise typer.Exit(2)
 
 
-def command(fn):
-    """Register a subcommand whose user errors end in one line and a non-zero exit."""
+def command(fn=None, *, name: str | None = None):
+    """Register a subcommand whose user errors end in one line and a non-zero exit (named
+    `name`, else after the function)."""
+    if fn is None:
+        return functools.partial(command, name=name)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -71,7 +74,7 @@ def command(fn):
             say(f"[bold red]error:[/] {escape(where + str(e.strerror or e))}", markup=True)
             raise typer.Exit(1) from None
 
-    return app.command()(wrapper)
+    return app.command(name)(wrapper)
 
 
 def say(message: str, markup: bool = False) -> None:
@@ -282,21 +285,59 @@ def export(
     run_dir: RunDir,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Model directory to write (default: RUN/ctranslate2, where "
-        "translate --engine ctranslate2 looks).")] = None,
+        "translate --engine ctranslate2 looks, or RUN/transformers).")] = None,
+    format: Annotated[str, typer.Option(
+        "--format", "-f", help="ctranslate2, or transformers: a directory Hugging Face "
+        "transformers loads (AutoModelForSeq2SeqLM, AutoTokenizer), to publish on the hub.")]
+        = "ctranslate2",
     checkpoint: Checkpoint = None,
     quantization: Annotated[str | None, typer.Option(
-        help="Store the weights as float32 (default), bfloat16, float16, int8, int8_float32 "
-        "or int8_bfloat16.")] = None,
+        help="CTranslate2: store the weights as float32 (default), bfloat16, float16, int8, "
+        "int8_float32 or int8_bfloat16.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
 ) -> None:
     """Export the model to CTranslate2, a C++ inference engine (needs the ctranslate2 package:
-    pip install 'traduire[ctranslate2]'); then translate with --engine ctranslate2."""
-    from traduire.export import export_ctranslate2
+    pip install 'traduire[ctranslate2]'; then translate with --engine ctranslate2), or to
+    Hugging Face transformers (--format transformers; needs pip install 'traduire[hf]'):
+    post-norm models as MarianMTModel, pre-norm ones as PegasusForConditionalGeneration,
+    each with a MarianTokenizer, weights in safetensors."""
     from traduire.translate import Translator
 
+    if format not in ("ctranslate2", "transformers"):
+        raise TraduireError(f"--format {format!r}: expected ctranslate2 or transformers")
+    if format == "transformers" and quantization is not None:
+        raise TraduireError("--quantization is for --format ctranslate2; transformers models "
+                            "are written in float32")
     translator = Translator.load(run_dir, checkpoint, "cpu", "fp32")
+    if format == "transformers":
+        from traduire.huggingface import export_transformers
+
+        out = export_transformers(translator.model, translator.tokenizer,
+                                  output or run_dir / "transformers", force)
+        say(f"wrote the transformers model of {translator.checkpoint} to {out}")
+        return
+    from traduire.export import export_ctranslate2
+
     out = export_ctranslate2(translator, output or run_dir / "ctranslate2", quantization, force)
     say(f"wrote the CTranslate2 model of {translator.checkpoint} to {out}")
+
+
+@command(name="import")
+def import_(
+    source: Annotated[Path, typer.Argument(
+        help="A transformers model directory (what save_pretrained writes), e.g. an OPUS-MT "
+        "model downloaded with huggingface-cli download Helsinki-NLP/opus-mt-en-fr "
+        "--local-dir DIR.")],
+    run_dir: RunDir,
+) -> None:
+    """Make a run directory of a Hugging Face Marian model (the OPUS-MT family) or of a
+    model traduire exported: translate, eval, score, attention, info and export work on it,
+    and train.init_from fine-tunes it on your data. Nothing is downloaded; needs
+    pip install 'traduire[hf]'."""
+    from traduire.huggingface import import_model
+
+    out = import_model(source, run_dir)
+    say(f"imported {source} into {out}; translate with: traduire translate --run-dir {out}")
 
 
 # --- Looking inside a model ----------------------------------------------------------------------
