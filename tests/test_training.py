@@ -512,7 +512,7 @@ def judge_average(monkeypatch, shift: float) -> list[float]:
 
 def test_average_last_writes_the_mean_that_translate_then_uses(tmp_path, tiny_config_path,
                                                                monkeypatch):
-    from traduire.translate import default_checkpoint
+    from traduire.checkpoint import default_checkpoint
 
     losses = judge_average(monkeypatch, -100.0)  # the average validates better
     config = load_config(tiny_config_path, ["train.max_steps=30", "train.average_last=2"])
@@ -536,7 +536,7 @@ def test_an_average_that_validates_worse_than_best_pt_is_not_written(tmp_path,
                                                                       monkeypatch):
     """average.pt is chosen on the validation set: the mean of checkpoints from early in a run
     can be worse than best.pt, and then translate keeps using best.pt."""
-    from traduire.translate import default_checkpoint
+    from traduire.checkpoint import default_checkpoint
 
     losses = judge_average(monkeypatch, +100.0)
     config = load_config(tiny_config_path, ["train.max_steps=30", "train.average_last=2"])

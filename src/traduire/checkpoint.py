@@ -203,6 +203,18 @@ def remove_leftovers(run_dir: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
+def default_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a run is used by: average.pt if the run wrote one (train.average_last),
+    else best.pt, else the newest periodic checkpoint."""
+    for name in ("average.pt", "best.pt"):
+        if (run_dir / name).exists():
+            return run_dir / name
+    periodic = step_checkpoints(run_dir / "checkpoints")
+    if not periodic:
+        raise CheckpointError(f"{run_dir}: no checkpoint yet (train first)")
+    return periodic[-1]
+
+
 def step_checkpoints(directory: Path) -> list[Path]:
     """Periodic checkpoints step_N.pt in the directory, oldest first."""
     found = [(int(m.group(1)), p) for p in Path(directory).glob("step_*.pt")

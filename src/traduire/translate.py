@@ -31,11 +31,11 @@ import torch
 
 from traduire import analysis
 from traduire.batch import sentence_batches
-from traduire.checkpoint import step_checkpoints
+from traduire.checkpoint import default_checkpoint
 from traduire.config import Config
 from traduire.ctranslate2_engine import CTranslate2Engine
 from traduire.device import decoding_precision, resolve_device
-from traduire.errors import CheckpointError, TraduireError
+from traduire.errors import TraduireError
 from traduire.loading import load_for_decoding
 from traduire.model import Transformer
 from traduire.search import Hypothesis, SearchOptions, decode
@@ -245,18 +245,6 @@ def load_translator(run_dir: Path, engine: str = "torch", engine_dir: Path | Non
                                          device=resolve_device(device).type, precision=precision,
                                          threads=threads)
     return base
-
-
-def default_checkpoint(run_dir: Path) -> Path:
-    """average.pt if the run wrote one (train.average_last), else best.pt, else the newest
-    periodic checkpoint."""
-    for name in ("average.pt", "best.pt"):
-        if (run_dir / name).exists():
-            return run_dir / name
-    periodic = step_checkpoints(run_dir / "checkpoints")
-    if not periodic:
-        raise CheckpointError(f"{run_dir}: no checkpoint yet (train first)")
-    return periodic[-1]
 
 
 def clean_line(line: str) -> str:
