@@ -354,3 +354,30 @@ def test_cli_import_errors_are_one_line(tmp_path):
                                        str(tmp_path / "taken")]), "not empty")
     assert (tmp_path / "taken" / "file").read_text() == "x"
     shutil.rmtree(tmp_path / "taken")
+
+
+def test_an_imported_model_fine_tunes_on_new_data(tmp_path, learned_run):
+    """The run `import` makes has no data; train.init_from takes its weights, tokenizer (the
+    vocabulary of ids) and architecture into a run on the user's corpus."""
+    from conftest import small_settings, write_config
+    from traduire.checkpoint import step_checkpoints
+    from traduire.config import load_config
+    from traduire.pipeline import run
+
+    model, tok = load_run(learned_run)
+    export_transformers(model, tok, tmp_path / "hf")
+    imported = import_model(tmp_path / "hf", tmp_path / "imported")
+    settings = small_settings(write_corpus(tmp_path / "data", seed=3))
+    settings["model"] = {"dropout": 0.0}
+    settings["train"].update(init_from=str(imported), max_steps=3, save_every=3)
+    config = load_config(write_config(tmp_path / "ft.yaml", settings))
+    assert config.model.d_model == model.shape.d_model
+    run(config, tmp_path / "ft")
+    tuned, tuned_tok = load_run(tmp_path / "ft", "best.pt")
+    assert tuned_tok.fingerprint() == Tokenizer.load(imported / "tokenizer").fingerprint()
+    assert tuned_tok.vocabulary is not None  # the imported ids, not SentencePiece's
+    start = model.state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in tuned.state_dict().items())
+    assert len(step_checkpoints(tmp_path / "ft" / "checkpoints")) == 1
+    with pytest.raises(Exception, match="no data of its own"):
+        run(load_config(tmp_path / "imported" / "config.yaml"), tmp_path / "imported")

@@ -149,7 +149,7 @@ LAYERS = [
     {"pipeline", "export", "report", "translate_files", "huggingface"},
     {"translate"},
     {"analysis", "training", "ctranslate2_engine"},
-    {"evaluate", "monitor", "loading"},
+    {"evaluate", "monitor", "loading", "finetune"},
     {"search", "data", "tokenizer", "checkpoint", "distributed", "bible"},
     {"model", "batch", "loss"},
     {"config", "device"},

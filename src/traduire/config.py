@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 
 from traduire.errors import ConfigError
+from traduire.files import run_dir_of
 
 # --- Checks a type cannot express --------------------------------------------------------------
 # A key's range is declared with its type (`lr: Positive[float]`). A check returns the rest of
@@ -192,6 +193,12 @@ class TrainConfig:
     progress: bool = True
 
 
+# Keys of `model` that make the network what it is: a run fine-tuned from another
+# (train.init_from) keeps the source's. Dropout and max_positions (the position table is
+# computed, not learned) may change.
+ARCHITECTURE_KEYS = ("layers", "encoder_layers", "decoder_layers", "d_model", "heads", "ffn_dim",
+                     "activation", "norm", "share_embeddings", "scale_embedding", "output_bias")
+
 # Keys of `train` that bound or observe a run without changing what it computes: they may differ
 # between runs of one run directory and are applied on resume.
 BOUND_KEYS = frozenset({"max_steps", "max_epochs", "max_time", "save_every", "keep_last",
@@ -249,7 +256,28 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not isinstance(raw.get(section, {}), dict):
             raise ConfigError(f"{origin}: section '{section}' must be a mapping")
         raw = {**raw, section: {**(raw.get(section) or {}), name: parsed}}
-    return config_from_dict(raw, origin)
+    return config_from_dict(_with_source_architecture(raw), origin)
+
+
+def _with_source_architecture(raw: dict[str, Any]) -> dict[str, Any]:
+    """With train.init_from, the architecture keys the config leaves out are the source run's,
+    so a config for the new data need not repeat them (one it sets otherwise is refused when
+    the run starts, naming the key)."""
+    init = (raw.get("train") or {}).get("init_from") if isinstance(raw.get("train"), dict) \
+        else None
+    run_dir = run_dir_of(Path(init).expanduser()) if isinstance(init, str) and init else None
+    if run_dir is None:
+        return raw  # nothing to fill in; the run's start says what is wrong with the path
+    try:
+        source = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+                  or {}).get("model") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return raw
+    model = dict(raw.get("model") or {})
+    if str(model.get("preset")) in MODEL_PRESETS:
+        model = {**MODEL_PRESETS[model["preset"]], **model}
+    filled = {k: source[k] for k in ARCHITECTURE_KEYS if k in source and k not in model}
+    return {**raw, "model": {**model, **filled}}
 
 
 def config_from_dict(raw: dict[str, Any], origin: str = "config") -> Config:

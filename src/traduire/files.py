@@ -207,6 +207,15 @@ def _exchange(a: Path, b: Path) -> bool:
                      _RENAME_EXCHANGE) == 0
 
 
+def run_dir_of(path: Path) -> Path | None:
+    """The traduire run directory `path` is, or holds it as a checkpoint (RUN/best.pt,
+    RUN/checkpoints/step_N.pt); None if neither."""
+    for candidate in ([path] if path.is_dir() else list(path.parents)[:2]):
+        if (candidate / "run.json").is_file():
+            return candidate
+    return None
+
+
 def move_aside(paths: list[Path], run_dir: Path) -> Path | None:
     """Move existing outputs into run_dir/old/<timestamp>/ instead of deleting them."""
     existing = [p for p in paths if p.exists()]

@@ -56,6 +56,7 @@ from traduire.data import clean, load_corpus, progress_bars
 from traduire.device import resolve_device
 from traduire.errors import CheckpointError, DataError, TraduireError
 from traduire.files import atomic_open, atomic_write_text, move_aside, replace_directory
+from traduire.finetune import check_architecture, init_source
 from traduire.runtime import data_workers, default_allocator
 from traduire.tokenizer import Tokenizer, encode_corpus, train_tokenizer
 from traduire.training import Trainer, TrainState
@@ -132,6 +133,10 @@ def _prepare(config: Config, run_dir: Path, overwrite: bool,
              stages: tuple[str, ...] = STAGES) -> None:
     """Check the config against the records of `stages`, mark the directory as a run, and
     run the data and tokenizer stages (each skipped if done)."""
+    if config.train.init_from:  # before any stage: a wrong source fails in the first second
+        source = init_source(config.train.init_from)
+        check_architecture(config, load_config(source.run_dir / "config.yaml"),
+                           str(source.run_dir))
     _start(run_dir, config, check_run_dir(run_dir, config, overwrite, stages))
     with default_allocator():  # training's allocator settings hold its memory too long
         prepare_data(config, run_dir)
@@ -199,7 +204,8 @@ def _write_text(pairs: datasets.Dataset, out: Path, split: str, cfg: DataConfig)
 
 
 def prepare_tokenizer(config: Config, run_dir: Path) -> None:
-    """Stage 2: train SentencePiece and encode both splits."""
+    """Stage 2: train SentencePiece (or, with train.init_from, take the source run's
+    tokenizer) and encode both splits."""
     if _read_record(run_dir, "tokenizer") is not None and (run_dir / "encoded").is_dir():
         console.print("tokenizer: done (skipped)")
         return
@@ -207,12 +213,20 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
     train = datasets.load_from_disk(str(run_dir / "data" / "train"))
     valid = datasets.load_from_disk(str(run_dir / "data" / "valid"))
     cfg = config.tokenizer
-    sentences = len(train) * (2 if cfg.joint else 1)  # per model
-    sample = min(cfg.input_sentence_size or sentences, sentences)
-    console.print(f"tokenizer: training SentencePiece {cfg.model_type} ({cfg.vocab_size} pieces) "
-                  f"on {sample:,} of {sentences:,} sentences")
-    with replace_directory(run_dir / "tokenizer") as out:
-        train_tokenizer(train, config.tokenizer, out)
+    if config.train.init_from:
+        source = init_source(config.train.init_from).tokenizer_dir
+        console.print(f"tokenizer: {source}'s (train.init_from)", markup=False,
+                      highlight=False, soft_wrap=True)
+        with replace_directory(run_dir / "tokenizer") as out:
+            for file in source.iterdir():
+                shutil.copyfile(file, out / file.name)
+    else:
+        sentences = len(train) * (2 if cfg.joint else 1)  # per model
+        sample = min(cfg.input_sentence_size or sentences, sentences)
+        console.print(f"tokenizer: training SentencePiece {cfg.model_type} ({cfg.vocab_size} "
+                      f"pieces) on {sample:,} of {sentences:,} sentences")
+        with replace_directory(run_dir / "tokenizer") as out:
+            train_tokenizer(train, config.tokenizer, out)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
     workers = data_workers(config.data.workers)
     console.print(f"tokenizer: encoding ({_processes(workers)})")
@@ -242,6 +256,8 @@ def stage_settings(config: Config, stage: str) -> dict[str, Any]:
         # How many processes clean the data does not change what they make.
         return {"data": {k: v for k, v in asdict(config.data).items() if k != "workers"}}
     if stage == "tokenizer":
+        if config.train.init_from:  # the source's tokenizer, whatever the section says
+            return {"tokenizer": {"init_from": config.train.init_from}}
         return {"tokenizer": asdict(config.tokenizer)}
     train_settings = {k: v for k, v in asdict(config.train).items() if k not in BOUND_KEYS}
     return {"model": asdict(config.model), "train": train_settings}

@@ -51,6 +51,7 @@ from traduire.config import Config, TrainConfig, parse_duration
 from traduire.device import AUTOCAST_DTYPES, resolve_device, training_precision
 from traduire.errors import TraduireError
 from traduire.evaluate import validate_bleu, validate_loss
+from traduire.finetune import load_initial_weights, record_origin
 from traduire.loading import build_model
 from traduire.loss import token_cross_entropy
 from traduire.monitor import ModelFlops, Monitor, Window, gpu_memory_gib, peak_flops
@@ -89,6 +90,11 @@ class Trainer:
             torch.set_num_threads(self.cfg.threads)
         torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
         self.model = build_model(config, tokenizer).to(self.device)
+        # Fine-tuning starts from the source's weights, on every rank alike; a run that has
+        # checkpoints of its own resumes from them instead.
+        self.initial = (load_initial_weights(self.model, config, tokenizer)
+                        if self.cfg.init_from and not step_checkpoints(self.checkpoint_dir)
+                        else None)
         if self.dist.rank > 0:
             torch.manual_seed(rank_seed(self.cfg.seed, self.dist.rank))
         self.net = DistributedDataParallel(self.model) if self.dist.enabled else self.model
@@ -105,6 +111,10 @@ class Trainer:
         self.monitor = Monitor(self.run_dir, self.dist.is_main, self.cfg.progress,
                                self.cfg.tensorboard)
         self.stop_request = distributed.StopRequest(self.monitor.info)
+        if self.initial is not None and self.dist.is_main:
+            record_origin(self.run_dir, self.initial)
+            self.monitor.info(f"starting from the weights of {self.initial['checkpoint']} "
+                              f"(step {self.initial['step']})")
         # Numbers computed on the device (loss, non-finite steps) are read every `read_every`
         # steps: on a CPU reading costs nothing; on a GPU it waits for the queued work.
         self.read_every = 1 if self.device.type == "cpu" else self.cfg.log_every
