@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 from traduire.batch import source_batch  # noqa: E402
 from traduire.config import config_from_dict  # noqa: E402
-from traduire.huggingface import export_transformers, import_model  # noqa: E402
+from traduire.huggingface import import_model, write_transformers  # noqa: E402
 from traduire.loading import load_for_decoding  # noqa: E402
 from traduire.search import SearchOptions, decode  # noqa: E402
 from traduire.tokenizer import Tokenizer  # noqa: E402
@@ -244,7 +244,7 @@ def assert_same_searches(model, hf_model, tok: Tokenizer, sources: list[str]) ->
 def test_export_gives_traduire_logits_ids_and_searches(tmp_path, which, request):
     run_dir = request.getfixturevalue(which)
     model, tok = load_run(run_dir)
-    out = export_transformers(model, tok, tmp_path / "hf")
+    out = write_transformers(model, tok, tmp_path / "hf")
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
     hf_model, hf_tokenizer = load_transformers(out)
     expected = "MarianMTModel" if model.shape.norm == "post" else \
@@ -257,7 +257,7 @@ def test_export_gives_traduire_logits_ids_and_searches(tmp_path, which, request)
 
 def test_export_import_round_trip_keeps_every_weight(tmp_path, marian_like_run):
     model, tok = load_run(marian_like_run)
-    export_transformers(model, tok, tmp_path / "hf")
+    write_transformers(model, tok, tmp_path / "hf")
     back, back_tok = load_run(import_model(tmp_path / "hf", tmp_path / "run"))
     assert back.shape == model.shape
     assert back_tok.encode_src(TEXTS) == tok.encode_src(TEXTS)
@@ -266,7 +266,7 @@ def test_export_import_round_trip_keeps_every_weight(tmp_path, marian_like_run):
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
     # and once more the other way: transformers' weights survive import -> export
-    export_transformers(back, back_tok, tmp_path / "hf2")
+    write_transformers(back, back_tok, tmp_path / "hf2")
     first = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf").state_dict()
     second = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf2").state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -275,7 +275,7 @@ def test_export_import_round_trip_keeps_every_weight(tmp_path, marian_like_run):
 def test_import_of_a_transformers_model_translates_as_it_does(tmp_path, learned_run):
     """A traduire model exported, imported back: its searches are transformers'."""
     model, tok = load_run(learned_run)
-    export_transformers(model, tok, tmp_path / "hf")
+    write_transformers(model, tok, tmp_path / "hf")
     imported, imported_tok = load_run(import_model(tmp_path / "hf", tmp_path / "run"))
     hf_model, _ = load_transformers(tmp_path / "hf")
     assert_same_searches(imported, hf_model, imported_tok, _valid_lines(learned_run)[:12])
@@ -298,12 +298,12 @@ def test_export_never_replaces_a_foreign_directory(tmp_path, learned_run):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(TraduireError, match="not a transformers model"):
-        export_transformers(model, tok, tmp_path / "mine")
+        write_transformers(model, tok, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
-    export_transformers(model, tok, tmp_path / "hf")
+    write_transformers(model, tok, tmp_path / "hf")
     with pytest.raises(TraduireError, match="--force"):
-        export_transformers(model, tok, tmp_path / "hf")
-    export_transformers(model, tok, tmp_path / "hf", force=True)
+        write_transformers(model, tok, tmp_path / "hf")
+    write_transformers(model, tok, tmp_path / "hf", force=True)
 
 
 # --- The command line ------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def test_cli_import_then_translate_eval_info_and_export(tmp_path, learned_run):
 
     runner = CliRunner()
     model, tok = load_run(learned_run)
-    export_transformers(model, tok, tmp_path / "hf")
+    write_transformers(model, tok, tmp_path / "hf")
     result = runner.invoke(app, ["import", str(tmp_path / "hf"), "--run-dir",
                                  str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
@@ -365,7 +365,7 @@ def test_an_imported_model_fine_tunes_on_new_data(tmp_path, learned_run):
     from traduire.pipeline import run
 
     model, tok = load_run(learned_run)
-    export_transformers(model, tok, tmp_path / "hf")
+    write_transformers(model, tok, tmp_path / "hf")
     imported = import_model(tmp_path / "hf", tmp_path / "imported")
     settings = small_settings(write_corpus(tmp_path / "data", seed=3))
     settings["model"] = {"dropout": 0.0}
@@ -381,3 +381,15 @@ def test_an_imported_model_fine_tunes_on_new_data(tmp_path, learned_run):
     assert len(step_checkpoints(tmp_path / "ft" / "checkpoints")) == 1
     with pytest.raises(Exception, match="no data of its own"):
         run(load_config(tmp_path / "imported" / "config.yaml"), tmp_path / "imported")
+
+
+def test_python_api_exports_a_run_and_imports_it(tmp_path, learned_run):
+    import traduire
+
+    out = traduire.export_transformers(learned_run, tmp_path / "hf")
+    back, _ = load_run(traduire.import_model(out, tmp_path / "run"))
+    model, _ = load_run(learned_run)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+    translator = traduire.Translator.load(learned_run, precision="int8")
+    with pytest.raises(Exception, match="int8"):
+        traduire.export_transformers(translator, tmp_path / "int8")

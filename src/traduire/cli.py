@@ -312,8 +312,7 @@ def export(
     if format == "transformers":
         from traduire.huggingface import export_transformers
 
-        out = export_transformers(translator.model, translator.tokenizer,
-                                  output or run_dir / "transformers", force)
+        out = export_transformers(translator, output or run_dir / "transformers", force=force)
         say(f"wrote the transformers model of {translator.checkpoint} to {out}")
         return
     from traduire.export import export_ctranslate2

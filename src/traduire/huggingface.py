@@ -40,6 +40,7 @@ from traduire.loading import build_model
 from traduire.model import Transformer
 from traduire.pipeline import RUN_FORMAT_VERSION, write_record
 from traduire.tokenizer import VOCABULARY_FILE, Tokenizer, Vocabulary
+from traduire.translate import Translator
 
 # The transformers class for each arrangement of traduire's layers.
 CLASSES = {"post": "MarianMTModel", "pre": "PegasusForConditionalGeneration"}
@@ -336,8 +337,19 @@ def transformers_config(model: Transformer, tok: Tokenizer) -> dict[str, Any]:
     return common
 
 
-def export_transformers(model: Transformer, tok: Tokenizer, out_dir: str | Path,
-                        force: bool = False) -> Path:
+def export_transformers(run: Translator | str | Path, out_dir: str | Path,
+                        checkpoint: str | Path | None = None, force: bool = False) -> Path:
+    """Write a run's model (its average.pt or best.pt, or `checkpoint`), or a Translator's,
+    as a transformers directory: `traduire export --format transformers`. Returns it."""
+    translator = run if isinstance(run, Translator) else Translator.load(
+        run, checkpoint, device="cpu", precision="fp32")
+    if hasattr(translator.model, "int8_projection"):
+        raise TraduireError("an int8 Translator cannot be exported; load it in fp32 or bf16")
+    return write_transformers(translator.model, translator.tokenizer, out_dir, force)
+
+
+def write_transformers(model: Transformer, tok: Tokenizer, out_dir: str | Path,
+                       force: bool = False) -> Path:
     """Write `model` and its tokenizer as a transformers directory (weights in safetensors)
     that AutoModelForSeq2SeqLM and AutoTokenizer load offline; returns it."""
     transformers = transformers_module()
