@@ -47,6 +47,9 @@ def test_fine_tuning_starts_from_the_source_weights_and_tokenizer(tmp_path, smal
     record = json.loads((tmp_path / "ft" / "init_from.json").read_text())
     assert record["checkpoint"] == str(default_checkpoint(source).resolve())
     assert record["step"] == load_checkpoint(default_checkpoint(source))["train_state"]["step"]
+    info = CliRunner().invoke(app, ["info", "--run-dir", str(tmp_path / "ft")])
+    assert f"weights: fine-tuned from {record['checkpoint']} (step {record['step']})" \
+        in info.output
     # The optimizer and schedule are the new run's own: it counts its steps from 0.
     assert load_checkpoint(step_checkpoints(tmp_path / "ft" / "checkpoints")[-1])[
         "train_state"]["step"] == 1

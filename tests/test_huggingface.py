@@ -332,6 +332,8 @@ def test_cli_import_then_translate_eval_info_and_export(tmp_path, learned_run):
     assert len(ours) == 5 and any(ours)
     result = runner.invoke(app, ["info", "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
+    assert f"weights: imported from {(tmp_path / 'hf').resolve()} " \
+        "(PegasusForConditionalGeneration)" in result.output
     result = runner.invoke(app, ["export", "--run-dir", str(tmp_path / "run"), "--format",
                                  "transformers", "-o", str(tmp_path / "again")])
     assert result.exit_code == 0, result.output

@@ -99,13 +99,14 @@ class ModelInfo:
     train_state: dict[str, Any] | None = None
     checkpoint: str | None = None
     data: dict[str, Any] | None = None
+    origin: str | None = None  # where the weights came from: an import, or train.init_from
 
     def as_record(self) -> dict[str, Any]:
         return {"preset": self.preset, "shape": asdict(self.shape),
                 "parameters": self.parameters, "vocab_size": {
                     "source": self.shape.src_vocab_size, "target": self.shape.tgt_vocab_size},
                 "checkpoint": self.checkpoint, "train_state": _finite(self.train_state),
-                "data": self.data}
+                "data": self.data, "origin": self.origin}
 
 
 def _finite(values: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -147,7 +148,24 @@ def model_info(config: Path | None = None, run_dir: Path | None = None,
             data = json.loads(report.read_text(encoding="utf-8"))
     shape = TransformerShape.from_config(cfg.model, vocab[0], vocab[1], pad_id)
     return ModelInfo(shape, parameter_counts(shape), cfg.model.preset, info_state, checkpoint,
-                     data)
+                     data, _origin(run_dir))
+
+
+def _origin(run_dir: Path | None) -> str | None:
+    """'imported from DIR (class)' or 'fine-tuned from CHECKPOINT (step N)', from the records
+    `traduire import` and train.init_from leave in the run directory."""
+    if run_dir is None:
+        return None
+    try:
+        if (run_dir / "imported.json").is_file():
+            record = json.loads((run_dir / "imported.json").read_text(encoding="utf-8"))
+            return f"imported from {record['transformers']} ({record['class']})"
+        if (run_dir / "init_from.json").is_file():
+            record = json.loads((run_dir / "init_from.json").read_text(encoding="utf-8"))
+            return f"fine-tuned from {record['checkpoint']} (step {record['step']:,})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a damaged record does not stop `info`
+    return None
 
 
 def iter_ranked(values: Iterable[float]) -> list[int]:
@@ -235,6 +253,8 @@ def info_lines(info: ModelInfo) -> list[str]:
                      f"best valid loss {t.get('best_valid_loss', math.inf):.3f}"
                      + (f", best valid BLEU {best_bleu:.2f}" if best_bleu >= 0 else "")
                      + f" ({info.checkpoint})")
+    if info.origin:
+        lines.append(f"weights: {info.origin}")
     if info.data:
         sizes = ", ".join(f"{split} {r.get('kept', 0):,} pairs (of {r.get('read', 0):,} read)"
                           for split, r in info.data.items() if isinstance(r, dict))
