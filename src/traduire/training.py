@@ -219,8 +219,9 @@ class Trainer:
         dtype = AUTOCAST_DTYPES.get(self.precision)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             logits = self.net(batch.src, batch.tgt_in)
+        # Nothing reads the logits after the loss: their gradient is written over them.
         return token_cross_entropy(logits, batch.tgt_out, self.tokenizer.pad_id,
-                                   label_smoothing)
+                                   label_smoothing, reuse_logits=True)
 
     def _optimizer_step(self, loss_sum: torch.Tensor) -> None:
         """Update the weights, unless the loss or the gradients are not finite: such a step
