@@ -395,3 +395,13 @@ def test_python_api_exports_a_run_and_imports_it(tmp_path, learned_run):
     translator = traduire.Translator.load(learned_run, precision="int8")
     with pytest.raises(Exception, match="int8"):
         traduire.export_transformers(translator, tmp_path / "int8")
+
+
+def test_import_reads_pytorch_model_bin_as_data(tmp_path):
+    """Weights saved the old way (a pickle) are loaded with weights_only: as data, not code."""
+    source = make_transformers_model(tmp_path / "hf")
+    hf_model, _ = load_transformers(source)
+    (source / "model.safetensors").unlink()
+    torch.save(hf_model.state_dict(), source / "pytorch_model.bin")
+    model, tok = load_run(import_model(source, tmp_path / "run"))
+    assert_same_logits(model, hf_model, tok)
