@@ -329,3 +329,50 @@ def test_decoder_is_causal_with_gradients_on(norm):
                                       retain_graph=True)
         assert torch.count_nonzero(grad[:, i + 1:]) == 0, i
         assert (grad[:, :i + 1].abs().sum(-1) > 0).all(), i
+
+
+# --- The additive padding mask ---------------------------------------------------------------
+
+
+def test_additive_mask_is_zero_where_allowed_and_minus_infinity_elsewhere():
+    from traduire.model import additive_mask
+
+    mask = torch.tensor([[True, True, False]])[:, None, None, :]
+    additive = additive_mask(mask, torch.float32)
+    assert additive.dtype == torch.float32 and additive.shape == mask.shape
+    assert additive.flatten().tolist() == [0.0, 0.0, float("-inf")]
+    assert additive_mask(additive, torch.bfloat16) is additive  # already additive
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert additive_mask(mask, torch.float32).dtype == torch.bfloat16  # the queries' dtype
+
+
+@pytest.mark.parametrize("mode", ["eval", "train-fp32", "train-bf16"])
+def test_additive_mask_gives_the_boolean_masks_outputs_and_gradients(mode, monkeypatch):
+    """The teacher-forced pass with one additive mask for every layer equals the pass with the
+    boolean mask handed to every layer, through the explicit form (evaluation, bf16 training on
+    CPU) and the fused kernel (fp32 training on CPU) alike."""
+    from traduire import model as model_module
+
+    src = torch.cat([random_tokens(3, 6, seed=20), torch.full((3, 3), PAD)], dim=1)
+    src[1, 6:] = random_tokens(1, 3, seed=21)  # rows padded differently
+    tgt = torch.cat([torch.full((3, 1), BOS), random_tokens(3, 5, seed=22)], dim=1)
+    dtype = torch.bfloat16 if mode == "train-bf16" else None
+
+    def run(boolean: bool):
+        if boolean:
+            monkeypatch.setattr(model_module, "additive_mask", lambda mask, dtype: mask)
+        else:
+            monkeypatch.undo()
+        model = tiny(dropout=0.0)
+        model.train(mode != "eval")
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            logits = model(src, tgt)
+        logits.float().square().mean().backward()
+        return logits.float().detach(), [p.grad.clone() for p in model.parameters()]
+
+    want, want_grads = run(boolean=True)
+    got, got_grads = run(boolean=False)
+    tolerance = 1e-2 if dtype else 1e-5
+    torch.testing.assert_close(got, want, atol=tolerance, rtol=0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=tolerance, rtol=tolerance)

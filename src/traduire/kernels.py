@@ -39,11 +39,13 @@ def fused_attention_wins(q: Tensor) -> bool:
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
                     dropout_p: float) -> Tensor:
     """model.attention's output through torch's fused kernel (the weights are not kept).
-    mask: boolean, True where attention is allowed. causal: a plain causal square (query i
-    sees keys up to i) without a mask tensor, which the kernels apply themselves (flash
-    attention accepts no mask)."""
+    mask: boolean, True where attention is allowed, or additive (0 or -inf). causal: a plain
+    causal square (query i sees keys up to i) without a mask tensor, which the kernels apply
+    themselves (flash attention accepts no mask)."""
     if causal and (mask is not None or q.size(2) != k.size(2)):
         raise ValueError("causal fused attention takes a square without a mask")
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)  # the kernels take an additive mask in the queries' dtype
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                           is_causal=causal)
 

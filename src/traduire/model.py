@@ -122,12 +122,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
     are scaled by 1/sqrt(d_k) so that their variance does not grow with d_k, which would push
     the softmax into regions of tiny gradients. `mask` (boolean, broadcastable to (batch,
     heads, q_len, k_len), True where attention is allowed) sets the scores of the keys a query
-    may not see to -inf, so they get zero weight. Dropout acts on the weights. The softmax runs
-    in float32 whatever the inputs' precision. Returns the output and the weights.
+    may not see to -inf, so they get zero weight; a floating-point mask (`additive_mask`) is
+    added to the scores instead, to the same effect. Dropout acts on the weights. The softmax
+    runs in float32 whatever the inputs' precision. Returns the output and the weights.
     """
     scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))
-    if mask is not None:
+    if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask
     weights = scores.softmax(dim=-1)
     return kernels.dropout(weights, dropout_p, dropout_p > 0).to(v.dtype) @ v, weights
 
@@ -137,7 +140,27 @@ def causal_mask(q_len: int, k_len: int, device: torch.device, mask: Tensor | Non
     """Query i may see keys up to i: a lower-triangular mask, aligned so that the last query
     sees the last key (as in a cached decoding step); combined with `mask` if given."""
     causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+    if mask is not None and mask.dtype != torch.bool:  # an additive mask
+        return mask.masked_fill(~causal, float("-inf"))
     return causal if mask is None else mask & causal
+
+
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (True = may attend) as the equivalent additive one: 0 where attention is
+    allowed, -inf where not, in the dtype the attention's queries will have: the autocast dtype
+    under autocast, else `dtype` (the weights'); a floating-point mask is returned as it is.
+
+    The fused kernels take an additive mask as it is, while a boolean one is converted to this
+    form inside every call (twice per decoder layer and once per encoder layer each step);
+    flash attention takes neither, and the memory-efficient and cuDNN kernels take the additive
+    form. Made once per forward pass, it serves every layer."""
+    if mask.dtype != torch.bool:
+        return mask
+    device = mask.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf"))
 
 
 class MultiHeadAttention(nn.Module):
@@ -439,7 +462,9 @@ class Transformer(nn.Module):
                ) -> tuple[Tensor, Tensor]:
         """Encode source ids (batch, src_len) into (memory, src_mask)."""
         src_mask = self.source_mask(src)
-        memory = self.encoder(src, src_mask, attention.encoder if attention is not None else None)
+        # One additive mask serves every encoder layer (see additive_mask).
+        memory = self.encoder(src, additive_mask(src_mask, self.decoder.embedding.weight.dtype),
+                              attention.encoder if attention is not None else None)
         return memory, src_mask
 
     def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor,
@@ -451,6 +476,8 @@ class Transformer(nn.Module):
         `tgt` may have g rows per source (beam search's hypotheses): rows i*g .. i*g+g-1
         continue source i of memory and src_mask.
         """
+        if cache is None:  # a teacher-forced pass (training): one mask for every layer
+            src_mask = additive_mask(src_mask, self.decoder.embedding.weight.dtype)
         return self.project(self.decoder(tgt, memory, src_mask, cache, attention))
 
     def project(self, hidden: Tensor) -> Tensor:
