@@ -578,3 +578,78 @@ def test_a_frozen_subclass_adds_its_fields_and_keeps_the_checks() -> None:
         Batched(beam=0)
     with pytest.raises(TraduireError, match="^--batch-size must not be negative$"):
         Batched(batch_size=-1)
+
+
+# --- The decoding step: host reads and the key/value cache --------------------------------------
+
+
+def test_a_beam_step_reads_from_the_device_once(monkeypatch) -> None:
+    """Every host read of a tensor (cpu, tolist, item, bool) during a search is counted: one
+    per decoding step, and one more for the batch's length limits."""
+    src = random_sources(12, [4, 1, 6, 3], 3)
+    reads, steps = [], []
+    for name in ("cpu", "tolist", "item", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for search_once, model in (
+            (lambda m: beam_search(m, src, beam=4, nbest=2, **SPECIAL), tiny_model(12, 3)),
+            (lambda m: sample(m, src, generator=torch.Generator().manual_seed(1), **SPECIAL),
+             tiny_model(12, 0, peak=1.0))):
+        decode = model.decode
+        model.decode = lambda *args, _decode=decode, **kwargs: (steps.append(1)
+                                                                or _decode(*args, **kwargs))
+        reads.clear(), steps.clear()
+        search_once(model)
+        # output_limits reads the source lengths (tolist) and the search its limits (cpu).
+        assert len(steps) > 3 and len(reads) <= len(steps) + 2, (len(steps), reads)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_preallocated_cache_gives_the_growing_caches_translations(seed: int,
+                                                                      monkeypatch) -> None:
+    """The in-place cache (the GPU's form) and the growing one (the CPU's) are the same
+    search: the same n-best lists, logprobs equal to rounding."""
+    model = tiny_model(14, seed)
+    src = random_sources(14, [5, 1, 3, 7, 2, 4], seed)
+    growing = beam_search(model, src, beam=4, nbest=3, **SPECIAL)
+    monkeypatch.setattr(model, "new_cache",
+                        lambda: DecoderCache(len(model.decoder.layers), 4, preallocate=True))
+    preallocated = beam_search(model, src, beam=4, nbest=3, **SPECIAL)
+    assert [[h.tokens for h in hyps] for hyps in preallocated] == [[h.tokens for h in hyps]
+                                                                   for hyps in growing]
+    for hyps, expected in zip(preallocated, growing):
+        assert [h.logprob for h in hyps] == pytest.approx([h.logprob for h in expected],
+                                                          abs=1e-5)
+    sampled = sample(model, src, generator=torch.Generator().manual_seed(seed), **SPECIAL)
+    monkeypatch.undo()
+    assert sampled == sample(model, src, generator=torch.Generator().manual_seed(seed),
+                             **SPECIAL)
+
+
+def test_the_preallocated_cache_writes_in_place_grows_and_reorders_rows() -> None:
+    model = tiny_model(12, 4)
+    src = random_sources(12, [3, 5], 4)
+    memory, src_mask = model.encode(src)
+    cache = DecoderCache(len(model.decoder.layers), capacity=2, preallocate=True)
+    tgt = torch.tensor([[BOS, 5, 6], [BOS, 7, 8]])
+    with torch.no_grad():
+        model.decode(tgt[:, :1], memory, src_mask, cache=cache)
+        buffer = cache.kv
+        model.decode(tgt[:, 1:2], memory, src_mask, cache=cache)
+        assert cache.kv is buffer  # written in place, within capacity
+        model.decode(tgt[:, 2:3], memory, src_mask, cache=cache)  # beyond it: grows once
+        assert cache.kv.size(4) == 4 and cache.length == 3
+        before = cache.layers[0]["self"]["k"].clone()
+        cache.reorder([1, 1], [1, 1])  # row 0 takes row 1 (and its source); row 1 stays
+        after = cache.layers[0]["self"]["k"]
+        torch.testing.assert_close(after[0], before[1])
+        torch.testing.assert_close(after[1], before[1])
+        step = model.decode(torch.tensor([[9], [9]]), memory[[1, 1]], src_mask[[1, 1]],
+                            cache=cache)
+        full = model(src[[1, 1]], torch.cat([tgt[[1, 1]], torch.tensor([[9], [9]])], dim=1))
+    torch.testing.assert_close(step[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
