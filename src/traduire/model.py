@@ -223,7 +223,8 @@ class MultiHeadAttention(nn.Module):
             # Beam search gives each source `group` consecutive rows of x, one per hypothesis.
             # They share one encoder output, so their queries attend together, as one longer
             # query sequence, instead of each row carrying its own copy of the source.
-            group, uneven = divmod(rows, k.size(0))
+            # (// and %, not divmod, which torch.compile cannot trace on dynamic sizes)
+            group, uneven = rows // k.size(0), rows % k.size(0)
             if uneven or not group:
                 raise ValueError(f"{rows} query rows cannot share {k.size(0)} memory rows evenly")
             q = self._split_heads(self.q_proj(x).reshape(k.size(0), group * q_len, -1))
