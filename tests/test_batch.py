@@ -408,3 +408,109 @@ def test_a_filler_pass_holds_one_sentence_even_when_the_global_batch_has_more():
     (real, one), (filler, zero) = step.parts
     assert (one, zero) == (1.0, 0.0)
     assert real.src.shape[0] == 1 and filler.src.shape[0] == 1
+
+
+# --- lengths rounded for a compiled model ------------------------------------------------------
+
+
+def test_rounded_lengths_pad_to_the_multiple_and_change_no_real_position():
+    from traduire.batch import round_lengths
+    from traduire.loss import token_cross_entropy
+    from traduire.model import Transformer, TransformerShape
+
+    pad, bos, eos = 0, 2, 3
+    batch = collate([[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16]], [[5, 6], [7, 8, 9, 10]],
+                    pad=pad, bos=bos, eos=eos)
+    rounded = round_lengths(batch, 8, pad)
+    assert rounded.src.shape == (2, 16) and rounded.tgt_in.shape == rounded.tgt_out.shape == (2, 8)
+    assert rounded.num_tgt_tokens == batch.num_tgt_tokens
+    for before, after in ((batch.src, rounded.src), (batch.tgt_in, rounded.tgt_in),
+                          (batch.tgt_out, rounded.tgt_out)):
+        assert torch.equal(after[:, :before.size(1)], before)
+        assert torch.all(after[:, before.size(1):] == pad)
+    assert round_lengths(rounded, 8, pad).src is rounded.src  # already a multiple: as it was
+    torch.manual_seed(0)
+    model = Transformer(TransformerShape(20, 20, d_model=16, heads=2, ffn_dim=32,
+                                         encoder_layers=1, decoder_layers=1, pad_id=pad)).eval()
+    with torch.no_grad():
+        want, got = model(batch.src, batch.tgt_in), model(rounded.src, rounded.tgt_in)
+        torch.testing.assert_close(got[:, :batch.tgt_in.size(1)], want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(token_cross_entropy(got, rounded.tgt_out, pad),
+                                   token_cross_entropy(want, batch.tgt_out, pad), atol=1e-5,
+                                   rtol=1e-6)
+
+
+def test_rounded_steps_round_every_pass_of_every_step():
+    from traduire.batch import rounded_steps
+
+    corpus = toy_corpus()
+    rounded = list(itertools.islice(rounded_steps(iter(steps_from(corpus, 0, 0, 6,
+                                                                  accumulate=2)), 4, 0), 6))
+    widths = set()
+    for step, plain in zip(rounded, steps_from(corpus, 0, 0, 6, accumulate=2)):
+        assert len(step.parts) == 2
+        for (batch, weight), (before, plain_weight) in zip(step.parts, plain.parts):
+            assert batch.src.size(1) % 4 == 0 and batch.tgt_in.size(1) % 4 == 0
+            assert torch.equal(batch.src[:, :before.src.size(1)], before.src)
+            assert weight == plain_weight
+            widths.add(before.src.size(1))
+    assert len(widths) > 1  # the plain lengths varied
+
+
+# --- the corpus on disk, and the next epoch planned ahead --------------------------------------
+
+
+def test_the_next_epoch_is_planned_in_the_background_while_this_one_trains(monkeypatch):
+    import traduire.batch as batch_module
+
+    corpus = toy_corpus()
+    planned: list[tuple[int, str]] = []
+    original = batch_module.token_batches
+
+    def recording(*args):
+        planned.append((args[-1], threading.current_thread().name))
+        return original(*args)
+
+    monkeypatch.setattr(batch_module, "token_batches", recording)
+    plan = StepPlan(batch_tokens=60, seed=3, pad=0, bos=2, eos=3)
+    stream = training_steps(corpus, plan)
+    first = next(stream)
+    deadline = time.monotonic() + 10
+    while len(planned) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # Epoch 1 is planned before epoch 0's first step is done, by another thread.
+    assert planned == [(0, threading.current_thread().name), (1, "traduire-plan")]
+    steps = [first, *itertools.islice(stream, 2 * first.epoch_batches)]
+    monkeypatch.undo()
+    # The same steps as the plan made in turn: (epoch, batch) in order, the same sentences.
+    for step in steps:
+        want = original(corpus.src_lens, corpus.tgt_lens, corpus.usable, 60, 3, step.epoch)
+        assert np.array_equal(step.src_lengths, corpus.src_lens[want[step.index]])
+    assert [s.epoch for s in steps] == [0] * first.epoch_batches + [1] * first.epoch_batches + [2]
+    assert (2, "traduire-plan") in planned and (3, "traduire-plan") in planned
+
+
+def test_a_saved_corpus_opens_as_the_same_batches_with_its_ids_left_on_disk(tmp_path):
+    from traduire.batch import save_encoded
+
+    rng = np.random.default_rng(1)
+    src = [rng.integers(4, 70_000, rng.integers(0, 12)).tolist() for _ in range(50)]
+    tgt = [rng.integers(4, 300, rng.integers(1, 12)).tolist() for _ in range(50)]
+    ds = datasets.Dataset.from_dict({"src_ids": src, "tgt_ids": tgt,
+                                     "src_len": [len(s) for s in src],
+                                     "tgt_len": [len(t) for t in tgt]})
+    for vocab, kind in ((70_000, np.int32), (300, np.uint16)):
+        saved = ds if vocab > 300 else ds.map(lambda r: {"src_ids": [i % 300 for i in
+                                                                     r["src_ids"]]})
+        save_encoded(saved, tmp_path / str(vocab), vocab, chunk=7)  # chunks end mid-corpus
+        opened = EncodedCorpus.open(tmp_path / str(vocab), max_len=8)
+        assert isinstance(opened._src.values, np.memmap) and opened._src.values.dtype == kind
+        in_memory = EncodedCorpus(saved, max_len=8)
+        assert np.array_equal(opened.usable, in_memory.usable)
+        rows = np.array([3, 0, 49, 17, 17])
+        for a, b in ((opened.batch(rows, pad=0, bos=2, eos=3),
+                      in_memory.batch(rows, pad=0, bos=2, eos=3)),):
+            assert torch.equal(a.src, b.src) and torch.equal(a.tgt_out, b.tgt_out)
+        assert opened.source_ids(rows) == [saved["src_ids"][i] for i in rows]
+    with pytest.raises(ValueError, match="without its text"):
+        opened.texts(rows, "src")

@@ -332,7 +332,7 @@ def test_step_overhead_tiny_profiles_four_steps_in_parts(tiny_runs):
 @tiny("first_step")
 def test_first_step_tiny_times_each_part_up_to_the_second_step(tiny_runs):
     record, out, _ = output_of(tiny_runs, "first_step")
-    assert list(record["seconds"]) == ["load_from_disk", "encoded_corpus", "build_model",
+    assert list(record["seconds"]) == ["open_encoded", "build_model",
                                        "token_batches", "plan_and_first_batch", "first_step",
                                        "second_batch", "second_step"]
     assert all(finite(s) and s >= 0 for s in record["seconds"].values())

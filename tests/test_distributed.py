@@ -388,3 +388,80 @@ def test_a_signal_repeated_at_once_is_one_request_and_a_later_ctrl_c_aborts(monk
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# --- One checkpoint for all, and a run directory every node sees -------------------------------
+
+# `traduire` with rank READS_OTHER's reads of a checkpoint sent to the one before it: the view
+# of a node whose cache still shows an older file under the newest name.
+STALE_VIEW_SCRIPT = """
+import os, sys
+from traduire import checkpoint, cli, training
+
+original = training.load_checkpoint
+
+def stale_view(path, *args, **kwargs):
+    if int(os.environ["RANK"]) == READS_OTHER:
+        older = checkpoint.step_checkpoints(path.parent)
+        path = older[older.index(path) - 1]
+    return original(path, *args, **kwargs)
+
+training.load_checkpoint = stale_view
+sys.argv = ["traduire", *sys.argv[1:]]
+cli.main()
+"""
+
+
+def test_three_ranks_resume_rank_0s_checkpoint_and_refuse_a_rank_that_read_another(
+        tmp_path, corpus_dir):
+    config_path = deterministic_config(tmp_path, corpus_dir, max_steps=6, save_every=2,
+                                       valid_every=100)
+    run(load_config(config_path), tmp_path / "straight")  # world size 1 throughout
+    run_dir = tmp_path / "run"
+    result = torchrun(3, ["train", "-c", str(config_path), "-r", str(run_dir),
+                          "--set", "train.max_steps=4"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    script = tmp_path / "stale.py"
+    script.write_text("READS_OTHER = 2\n" + STALE_VIEW_SCRIPT)
+    # Every rank reading the file itself: rank 2 reads step 2's state under step 4's name.
+    result = torchrun(3, ["train", "-c", str(config_path), "-r", str(run_dir)], script=script,
+                      env={"TRADUIRE_RESUME_READ": "each"})
+    assert result.returncode != 0
+    said = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert "error: rank 2 differs from rank 0 in weights or step after loading " \
+           "step_00000004.pt; every rank must train from the same checkpoint" in flat(
+               result.stderr), result.stderr[-3000:]
+    assert said and "Traceback" not in result.stderr.split("error: ")[0]
+    assert step_checkpoints(run_dir / "checkpoints")[-1].name == "step_00000004.pt"
+    # By default rank 0 reads and the others receive its state: rank 2's view never matters,
+    # and the run continues as the one that never stopped.
+    result = torchrun(3, ["train", "-c", str(config_path), "-r", str(run_dir)], script=script)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming at step 4" in result.stderr
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(run_dir))
+
+
+def test_two_nodes_with_run_directories_of_their_own_both_stop_within_the_bound(
+        tmp_path, corpus_dir):
+    config = deterministic_config(tmp_path, corpus_dir, max_steps=2)
+    flags = [flag.replace("HOST0:29500", f"127.0.0.1:{free_port()}")
+             .replace("--nproc_per_node=8", "--nproc_per_node=1")
+             for flag in readme_launcher_flags()]
+    env = {**ENV, "TRADUIRE_RUN_DIR_TIMEOUT": "3"}
+    launchers = [subprocess.Popen([*TORCHRUN, *flags, "-m", "traduire", "train", "-c",
+                                   str(config), "-r", str(tmp_path / f"node{node}")],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=env) for node in (0, 1)]
+    try:
+        outputs = [launcher.communicate(timeout=200)[0] for launcher in launchers]
+    finally:
+        for launcher in launchers:
+            launcher.kill()
+    message = ("rank 1 did not see, within 3 s, the file rank 0 wrote into the run directory "
+               "{}: the run directory must be on a filesystem all nodes share")
+    for node, output in enumerate(outputs):
+        assert launchers[node].returncode != 0, output
+        assert message.format(tmp_path / f"node{node}") in flat(output), output[-3000:]
+    # Nothing was prepared, and nothing is left that would make the directory foreign.
+    assert not (tmp_path / "node0" / "data").exists()
+    assert [p.name for p in (tmp_path / "node0").iterdir()] == []

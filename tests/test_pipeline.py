@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import yaml
 
 from conftest import make_pair
+from traduire.batch import EncodedCorpus
 from traduire.checkpoint import load_checkpoint, step_checkpoints
 from traduire.config import load_config
-from traduire.errors import CheckpointError, TraduireError
-from traduire.pipeline import prepare, run
+from traduire.errors import CheckpointError, DataError, TraduireError
+from traduire.pipeline import open_encoded, prepare, run
 from traduire.tokenizer import Tokenizer
 
 SHORT = ["train.max_steps=10"]
@@ -58,10 +61,15 @@ def test_first_run_fills_the_run_directory(first_run, tiny_config_path):
     assert report["train"]["kept"] + sum(report["train"]["dropped"].values()) == 200
     tokenizer = Tokenizer.load(first_run / "tokenizer")
     assert tokenizer.src_vocab_size == 40
-    encoded = datasets.load_from_disk(str(first_run / "encoded" / "train"))
-    assert len(encoded) == report["train"]["kept"]
-    assert list(encoded["src_ids"]) == tokenizer.encode_src(list(encoded["src"]))
-    assert list(encoded["src_len"]) == [len(ids) for ids in encoded["src_ids"]]
+    # The ids and lengths in arrays of their own; the text stays in data/ only.
+    encoded = EncodedCorpus.open(first_run / "encoded" / "train",
+                                 texts=first_run / "data" / "train")
+    text = datasets.load_from_disk(str(first_run / "data" / "train"))
+    rows = np.arange(len(encoded))
+    assert len(encoded) == report["train"]["kept"] == len(text)
+    assert encoded.source_ids(rows) == tokenizer.encode_src(list(text["src"]))
+    assert list(encoded.src_lens - 1) == [len(ids) for ids in encoded.source_ids(rows)]
+    assert encoded.texts(rows[:3], "tgt") == text["tgt"][:3]
 
 
 def test_second_run_skips_data_and_tokenizer(first_run, tiny_config_path, capsys):
@@ -138,9 +146,11 @@ def test_overwrite_encodes_with_the_new_tokenizer(first_run, tiny_config_path):
         overwrite=True)
     tokenizer = Tokenizer.load(first_run / "tokenizer")
     for split in ("train", "valid"):
-        encoded = datasets.load_from_disk(str(first_run / "encoded" / split))
-        assert list(encoded["src_ids"]) == tokenizer.encode_src(list(encoded["src"]))
-        assert list(encoded["tgt_ids"]) == tokenizer.encode_tgt(list(encoded["tgt"]))
+        encoded = EncodedCorpus.open(first_run / "encoded" / split)
+        text = datasets.load_from_disk(str(first_run / "data" / split))
+        rows = np.arange(len(encoded))
+        assert encoded.source_ids(rows) == tokenizer.encode_src(list(text["src"]))
+        assert encoded.target_ids(rows) == tokenizer.encode_tgt(list(text["tgt"]))
 
 
 def test_overwrite_of_a_model_key_keeps_data_and_tokenizer(first_run, tiny_config_path):
@@ -356,3 +366,31 @@ def test_hub_source_reads_the_translation_rows_of_the_chosen_config(tmp_path):
         prepare(hub_config(hub, "data.hub_config=de-en"), tmp_path / "no-fr")
     with pytest.raises(TraduireError, match="split 'dev'"):
         prepare(hub_config(hub, "data.valid_split=dev"), tmp_path / "no-dev")
+
+
+def test_a_run_encoded_in_the_older_layout_is_converted_once_and_trains_on(
+        first_run, tiny_config_path, capsys):
+    new = {p.name: p.read_bytes() for p in sorted((first_run / "encoded" / "train").iterdir())}
+    for split in ("train", "valid"):  # the older layout: ids, lengths and text in Arrow rows
+        corpus = EncodedCorpus.open(first_run / "encoded" / split)
+        rows = np.arange(len(corpus))
+        text = datasets.load_from_disk(str(first_run / "data" / split))
+        old = datasets.Dataset.from_dict({
+            "src": text["src"], "tgt": text["tgt"], "src_ids": corpus.source_ids(rows),
+            "tgt_ids": corpus.target_ids(rows), "src_len": (corpus.src_lens - 1).tolist(),
+            "tgt_len": (corpus.tgt_lens - 1).tolist()})
+        shutil.rmtree(first_run / "encoded" / split)
+        old.save_to_disk(str(first_run / "encoded" / split))
+    with pytest.raises(DataError) as refused:  # what reads it without preparing first
+        open_encoded(first_run, "train", max_len=100)
+    assert str(refused.value) == (
+        f"{first_run / 'encoded' / 'train'}: encoded in an older layout (token ids beside the "
+        f"text); run `traduire prepare --run-dir {first_run}` once to convert it")
+    capsys.readouterr()
+    assert run(load_config(tiny_config_path, ["train.max_steps=12"]), first_run).step == 12
+    assert "converting encoded/ to the current layout" in capsys.readouterr().err
+    # The same arrays as the tokenizer stage writes, so the same batches as before.
+    assert {p.name: p.read_bytes()
+            for p in sorted((first_run / "encoded" / "train").iterdir())} == new
+    run(load_config(tiny_config_path, ["train.max_steps=13"]), first_run)
+    assert "converting" not in capsys.readouterr().err  # once

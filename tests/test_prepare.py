@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from conftest import make_pair, tiny_settings, write_config
 from traduire import distributed, runtime
-from traduire.batch import length_order
+from traduire.batch import EncodedCorpus, length_order
 from traduire.checkpoint import step_checkpoints
 from traduire.config import config_from_dict
 from traduire.errors import TraduireError
@@ -64,8 +64,8 @@ def prepared_files(run_dir: Path) -> dict[str, object]:
         "spm": (run_dir / "tokenizer" / "spm.model").read_bytes()}
     for split in ("train", "valid"):
         out[f"data/{split}"] = datasets.load_from_disk(str(run_dir / "data" / split)).to_dict()
-        out[f"encoded/{split}"] = datasets.load_from_disk(
-            str(run_dir / "encoded" / split)).to_dict()
+        out[f"encoded/{split}"] = {f.name: f.read_bytes()
+                                   for f in sorted((run_dir / "encoded" / split).iterdir())}
     for stage in ("data", "tokenizer"):
         out[stage] = json.loads((run_dir / "stages" / f"{stage}.json").read_text())
     return out
@@ -216,7 +216,7 @@ def test_a_failure_while_preparing_ends_every_rank_with_its_message(tmp_path, co
     # Timed from rank 0's failure (when it wrote its status), not from the launch, whose
     # start-up takes as long as the machine needs; waiting for rank 0's stages would take
     # the whole process-group timeout.
-    failed_at = (run_dir / "stages" / ".prepared.json").stat().st_mtime
+    failed_at = (run_dir / ".launch-status.json").stat().st_mtime
     assert ended - failed_at < 60, f"the job took {ended - failed_at:.0f}s to end after the failure"
 
 
@@ -391,6 +391,8 @@ def test_fuzzed_corpora_through_prepare(train, valid, skip_invalid, toy):
             return
         event("prepared")
         for split in ("train", "valid"):
-            encoded = datasets.load_from_disk(str(run_dir / "encoded" / split))
-            assert encoded["src"] == [s for s, _ in expected[split][1]]
-            assert encoded["src_len"] == [len(ids) for ids in encoded["src_ids"]]
+            encoded = EncodedCorpus.open(run_dir / "encoded" / split,
+                                         texts=run_dir / "data" / split)
+            rows = np.arange(len(encoded))
+            assert encoded.texts(rows, "src") == [s for s, _ in expected[split][1]]
+            assert list(encoded.src_lens - 1) == [len(ids) for ids in encoded.source_ids(rows)]

@@ -5,8 +5,8 @@ of the first optimizer step, in parts, as `traduire train` does them.
     python scripts/bench/first_step.py --run-dir RUN --set train.threads=2
     python scripts/bench/first_step.py --tiny      # a toy corpus prepared here, in seconds
 
-The parts: open the encoded splits (datasets.load_from_disk), read their lengths
-(EncodedCorpus), build the model and optimizer (Trainer), plan the first epoch's batches
+The parts: open the encoded splits (pipeline.open_encoded: map the ids, read the lengths),
+build the model and optimizer (Trainer), plan the first epoch's batches
 (token_batches, timed alone, then again as training plans them with the first batch), the
 first step, and a second batch and step for comparison. Nothing is written into RUN: the
 trainer's outputs go to a temporary directory. Prints one JSON line, then a table.
@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import datasets
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     TINY_OVERRIDES,
@@ -34,8 +32,9 @@ from common import (  # noqa: E402
     write_tiny_corpus,
 )
 
-from traduire.batch import EncodedCorpus, StepPlan, token_batches, training_steps  # noqa: E402
+from traduire.batch import StepPlan, token_batches, training_steps  # noqa: E402
 from traduire.config import load_config  # noqa: E402
+from traduire.pipeline import open_encoded  # noqa: E402
 from traduire.tokenizer import Tokenizer  # noqa: E402
 from traduire.training import Trainer  # noqa: E402
 
@@ -72,13 +71,10 @@ def main() -> None:
         last = now
 
     tokenizer = Tokenizer.load(args.run_dir / "tokenizer")
-    train = datasets.load_from_disk(str(args.run_dir / "encoded" / "train"))
-    valid = datasets.load_from_disk(str(args.run_dir / "encoded" / "valid"))
-    lap("load_from_disk")
-    train_data = EncodedCorpus(train, max_len=min(config.train.max_len,
-                                                  config.model.max_positions))
-    valid_data = EncodedCorpus(valid, max_len=config.model.max_positions)
-    lap("encoded_corpus")
+    train_data = open_encoded(args.run_dir, "train", max_len=min(config.train.max_len,
+                                                                 config.model.max_positions))
+    valid_data = open_encoded(args.run_dir, "valid", max_len=config.model.max_positions)
+    lap("open_encoded")
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(config, Path(out), tokenizer, train_data, valid_data)
         lap("build_model")
@@ -100,7 +96,8 @@ def main() -> None:
         trainer._train_step(planned.parts, planned.tgt_lengths.sum())
         lap("second_step")
     after_model = round(seconds["plan_and_first_batch"] + seconds["first_step"], 3)
-    result = {"benchmark": "first_step", "train_pairs": len(train), "usable": len(train_data),
+    result = {"benchmark": "first_step", "train_pairs": len(train_data.src_lens),
+              "usable": len(train_data),
               "batches_in_epoch": len(plan), "seconds": seconds,
               "model_built_to_first_step_end_s": after_model,
               "peak_rss_mib": peak_rss_mib(), "run_dir": str(args.run_dir), **machine()}

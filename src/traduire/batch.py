@@ -3,6 +3,7 @@
   token_batches     an epoch of training batches under a token budget, in a seeded order
   sentence_batches  translation batches of similar source lengths
   EncodedCorpus     the encoded training or validation pairs, gathered into Batches
+  save_encoded      an encoded Dataset written as the arrays EncodedCorpus.open maps
   collate           token-id lists into a training Batch
   source_batch      token-id lists into a padded source tensor
   output_limits     how many tokens each sentence's translation may have
@@ -13,13 +14,17 @@ predicts the target ids then EOS. Padding is on the right.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
@@ -86,6 +91,20 @@ def _batch(src_values: np.ndarray, src_lengths: np.ndarray, tgt_values: np.ndarr
                  num_tgt_tokens=int(tgt_lengths.sum()) + len(tgt_lengths))
 
 
+def round_lengths(batch: Batch, multiple: int, pad: int) -> Batch:
+    """`batch` with its source and target lengths padded up to a multiple of `multiple`, so
+    that a compiled model sees a few lengths again and again (and matrix products get sizes
+    the hardware likes). Every real position computes what it did: source padding is masked,
+    target padding is ignored by the loss and never seen by a real position (attention in the
+    decoder is causal)."""
+    def grown(t: torch.Tensor) -> torch.Tensor:
+        extra = -t.size(1) % multiple
+        return torch.nn.functional.pad(t, (0, extra), value=pad) if extra else t
+
+    return Batch(grown(batch.src), grown(batch.tgt_in), grown(batch.tgt_out),
+                 batch.num_tgt_tokens)
+
+
 def source_batch(src_ids: Sequence[Sequence[int]], *, pad: int, eos: int) -> torch.Tensor:
     """Encoded source sentences as a padded (batch, longest + 1) tensor, EOS after each."""
     return padded(*_flat(src_ids), pad, last=eos)
@@ -105,19 +124,74 @@ def output_limits(src: torch.Tensor, pad: int, a: float, b: int, max_positions: 
 # --- Training batches --------------------------------------------------------------------------
 
 
+ENCODED_LAYOUT = 2  # of encoded/<split>/: ids and lengths in arrays of their own
+LAYOUT_FILE = "layout.json"
+
+
+class FlatIds:
+    """Token-id rows stored flat: every row's ids one after another (`values`) and where each
+    row starts (`offsets`, one more than the rows). Both may be memory-mapped files: gathering
+    rows reads the pages that hold them, and no others."""
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray) -> None:
+        self.values, self.offsets = values, offsets
+
+    @classmethod
+    def from_lists(cls, column: pa.ChunkedArray | pa.Array) -> FlatIds:
+        """From an Arrow column of id lists (a Dataset's src_ids)."""
+        lengths = np.asarray(pc.list_value_length(column).to_numpy(zero_copy_only=False),
+                             dtype=np.int64)
+        values = np.asarray(pc.list_flatten(column).to_numpy(zero_copy_only=False))
+        return cls(values, np.concatenate([[0], np.cumsum(lengths)]))
+
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of `rows`, flat (int64), and their lengths."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = np.asarray(self.offsets[rows], dtype=np.int64)
+        lengths = np.asarray(self.offsets[rows + 1], dtype=np.int64) - starts
+        where = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        where += np.arange(int(lengths.sum()), dtype=np.int64)
+        return np.asarray(self.values[where], dtype=np.int64), lengths
+
+
 class EncodedCorpus:
-    """Encoded sentence pairs (columns src_ids, tgt_ids, src_len, tgt_len, and the text in src,
-    tgt) as the batcher and the trainer see them: lengths as numpy arrays, batches gathered
-    straight from the Arrow table."""
+    """Encoded sentence pairs as the batcher and the trainer see them: the lengths as numpy
+    arrays, batches gathered from the flat ids. Made from a Dataset (columns src_ids, tgt_ids,
+    src_len, tgt_len, and the text in src, tgt where there is one), or opened from a
+    directory that `save_encoded` wrote: then the ids stay on disk, memory-mapped, and opening
+    reads the lengths alone (4 bytes a pair), never the text: the text of reports (BLEU on the
+    validation set) comes from `texts`, a Dataset read when first asked for."""
 
     def __init__(self, dataset: datasets.Dataset, max_len: int | None = None) -> None:
         table = dataset.with_format("arrow")
+        self._setup(FlatIds.from_lists(table["src_ids"]), FlatIds.from_lists(table["tgt_ids"]),
+                    table["src_len"].to_numpy(), table["tgt_len"].to_numpy(), max_len,
+                    dataset if "tgt" in dataset.column_names else None)
+
+    @classmethod
+    def open(cls, directory: Path, max_len: int | None = None,
+             texts: Path | None = None) -> EncodedCorpus:
+        """The corpus `save_encoded` wrote into `directory`; `texts`: the saved Dataset of its
+        pairs' text (the data stage's output), read only by `texts()`."""
+        directory = Path(directory)
+        corpus = cls.__new__(cls)
+
+        def array(name: str) -> np.ndarray:
+            return np.load(directory / f"{name}.npy", mmap_mode="r")
+
+        lengths = np.load(directory / "lengths.npy")
+        corpus._setup(FlatIds(array("src_ids"), array("src_offsets")),
+                      FlatIds(array("tgt_ids"), array("tgt_offsets")), lengths[0], lengths[1],
+                      max_len, texts)
+        return corpus
+
+    def _setup(self, src: FlatIds, tgt: FlatIds, src_len: np.ndarray, tgt_len: np.ndarray,
+               max_len: int | None, texts: datasets.Dataset | Path | None) -> None:
+        self._src, self._tgt, self._texts = src, tgt, texts
         # +1: the EOS appended to the source and to the target (or BOS prepended to its input).
-        self.src_lens = np.asarray(table["src_len"].to_numpy(), dtype=np.int64) + 1
-        self.tgt_lens = np.asarray(table["tgt_len"].to_numpy(), dtype=np.int64) + 1
-        self.dataset = dataset
-        self._ids = dataset.select_columns(["src_ids", "tgt_ids"]).with_format("arrow")
-        self.usable = np.arange(len(dataset))
+        self.src_lens = np.asarray(src_len, dtype=np.int64) + 1
+        self.tgt_lens = np.asarray(tgt_len, dtype=np.int64) + 1
+        self.usable = np.arange(len(self.src_lens))
         if max_len is not None:
             self.usable = np.flatnonzero((self.src_lens <= max_len) & (self.tgt_lens <= max_len))
 
@@ -126,18 +200,67 @@ class EncodedCorpus:
 
     def batch(self, indices: np.ndarray, *, pad: int, bos: int, eos: int) -> Batch:
         """The pairs at `indices`, padded into a Batch."""
-        rows = self._ids[np.asarray(indices).tolist()]
-        src, tgt = rows.column("src_ids"), rows.column("tgt_ids")
-        return _batch(pc.list_flatten(src).to_numpy(), pc.list_value_length(src).to_numpy(),
-                      pc.list_flatten(tgt).to_numpy(), pc.list_value_length(tgt).to_numpy(),
-                      pad, bos, eos)
+        return _batch(*self._src.gather(indices), *self._tgt.gather(indices), pad, bos, eos)
 
     def source_ids(self, indices: np.ndarray) -> list[list[int]]:
-        return self._ids[np.asarray(indices).tolist()].column("src_ids").to_pylist()
+        return _rows(*self._src.gather(indices))
+
+    def target_ids(self, indices: np.ndarray) -> list[list[int]]:
+        return _rows(*self._tgt.gather(indices))
 
     def texts(self, indices: np.ndarray, column: str) -> list[str]:
         """The original text ("src" or "tgt") of some pairs."""
-        return self.dataset.select_columns([column])[np.asarray(indices).tolist()][column]
+        if self._texts is None:
+            raise ValueError("this corpus was opened without its text")
+        if not isinstance(self._texts, datasets.Dataset):
+            self._texts = datasets.load_from_disk(str(self._texts))
+        return self._texts.select_columns([column])[np.asarray(indices).tolist()][column]
+
+
+def _rows(values: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+    if not len(lengths):
+        return []
+    return [row.tolist() for row in np.split(values, np.cumsum(lengths)[:-1])]
+
+
+def is_encoded(directory: Path) -> bool:
+    """Whether `directory` holds a corpus in the layout EncodedCorpus.open reads."""
+    try:
+        layout = json.loads((Path(directory) / LAYOUT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(layout, dict) and layout.get("layout") == ENCODED_LAYOUT
+
+
+def save_encoded(dataset: datasets.Dataset, directory: Path, vocab_size: int,
+                 chunk: int = 200_000) -> None:
+    """Write an encoded Dataset (src_ids, tgt_ids, src_len, tgt_len) into `directory` (new or
+    empty) as the arrays EncodedCorpus.open maps: the ids of each side flat (uint16 where the
+    vocabulary allows: half the pages of int32), where each row starts, and the lengths, a
+    chunk of rows at a time so memory stays bounded whatever the corpus size."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    table = dataset.with_format("arrow")
+    n = len(dataset)
+    lengths = np.stack([np.asarray(table["src_len"].to_numpy(), dtype=np.int64),
+                        np.asarray(table["tgt_len"].to_numpy(), dtype=np.int64)]
+                       ) if n else np.zeros((2, 0), dtype=np.int64)
+    small = lengths.max(initial=0) < np.iinfo(np.uint16).max
+    np.save(directory / "lengths.npy", lengths.astype(np.uint16 if small else np.int32))
+    id_type = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+    for side, row_lengths in (("src", lengths[0]), ("tgt", lengths[1])):
+        offsets = np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int64)
+        np.save(directory / f"{side}_offsets.npy", offsets)
+        values = np.lib.format.open_memmap(directory / f"{side}_ids.npy", mode="w+",
+                                           dtype=id_type, shape=(int(offsets[-1]),))
+        for start in range(0, n, chunk):
+            rows = table[start:start + chunk][f"{side}_ids"]
+            flat = pc.list_flatten(rows).to_numpy(zero_copy_only=False)
+            values[offsets[start]:offsets[min(start + chunk, n)]] = flat
+        values.flush()
+        del values
+    (directory / LAYOUT_FILE).write_text(json.dumps({"layout": ENCODED_LAYOUT, "pairs": n})
+                                         + "\n", encoding="utf-8")
 
 
 def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, candidates: np.ndarray,
@@ -256,10 +379,20 @@ def training_steps(data: EncodedCorpus, plan: StepPlan, epoch: int = 0, batch_in
     Each global batch is cut into world_size * accumulate contiguous slices of near-equal
     sentence count; rank r trains on slices r*accumulate .. (r+1)*accumulate - 1, one pass
     each. A slice left empty by a tiny batch becomes a zero-weight pass over one sentence, so
-    that every rank still joins the gradient all-reduce."""
+    that every rank still joins the gradient all-reduce.
+
+    The next epoch's batches are planned in a background thread while this epoch trains
+    (seconds at tens of millions of pairs, which would otherwise stall the step at the epoch
+    boundary); the plan depends on (seed, epoch) alone, so it is the same plan."""
+
+    def planned(epoch: int) -> list[np.ndarray]:
+        return token_batches(data.src_lens, data.tgt_lens, data.usable, plan.batch_tokens,
+                             plan.seed, epoch)
+
+    upcoming = _Ahead(lambda: planned(epoch), background=False)
     while True:
-        batches = token_batches(data.src_lens, data.tgt_lens, data.usable, plan.batch_tokens,
-                                plan.seed, epoch)
+        batches = upcoming.result()
+        upcoming = _Ahead(lambda epoch=epoch: planned(epoch + 1))
         for index in range(batch_in_epoch, len(batches)):
             global_batch = batches[index]
             slices = np.array_split(global_batch, plan.world_size * plan.accumulate)
@@ -271,6 +404,43 @@ def training_steps(data: EncodedCorpus, plan: StepPlan, epoch: int = 0, batch_in
             yield PlannedStep(epoch, index, len(batches), parts, data.src_lens[global_batch],
                               data.tgt_lens[global_batch])
         epoch, batch_in_epoch = epoch + 1, 0
+
+
+def rounded_steps(steps: Iterator[PlannedStep], multiple: int, pad: int
+                  ) -> Iterator[PlannedStep]:
+    """`steps` with every pass's lengths rounded up to a multiple (see round_lengths)."""
+    for step in steps:
+        step.parts = [(round_lengths(batch, multiple, pad), weight) for batch, weight in step.parts]
+        yield step
+
+
+class _Ahead:
+    """The result of `work`, computed in a daemon thread from now on (or at once, without
+    `background`), waited for by `result`."""
+
+    def __init__(self, work: Callable[[], Any], background: bool = True) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), daemon=True,
+                                        name="traduire-plan")
+        if background:
+            self._thread.start()
+        else:
+            self._run(work)
+            self._thread = None
+
+    def _run(self, work: Callable[[], Any]) -> None:
+        try:
+            self._value = work()
+        except BaseException as e:  # raised again where the result is wanted
+            self._error = e
+
+    def result(self) -> Any:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class Prefetcher:

@@ -1,19 +1,26 @@
 """Checkpoints: the training state written to disk, read back safely, found on resume,
 pruned and averaged.
 
-A checkpoint is written atomically (files.atomic_write_bytes: a crash or a full disk leaves the
+A checkpoint is written atomically (files.atomic_open: a crash or a full disk leaves the
 previous one intact) and read with `weights_only=True`: a checkpoint is data, and loading one
 can never run code. It holds the model, the optimizer, the loss scaler, the `TrainState`, the
 random state of every rank, the config, the world size it was written at and the fingerprint
 of its vocabulary (Tokenizer.fingerprint): weights trained with one tokenizer mean nothing with
-another of the same size, and would load without complaint.
+another of the same size, and would load without complaint. best.pt and average.pt hold only
+what translating needs (`for_translation`): no optimizer, scaler or random state.
+
+Periodic checkpoints are written by a `CheckpointWriter`: the training loop pauses only to copy
+the state to host memory; serialising, fsync and rename happen in a background thread, one
+write at a time, so a crash during a write leaves the previous checkpoint as it was.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import math
 import re
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +31,7 @@ import torch
 
 from traduire.config import Config, config_from_dict
 from traduire.errors import CheckpointError
-from traduire.files import atomic_write_bytes
+from traduire.files import atomic_open
 
 if TYPE_CHECKING:
     from traduire.tokenizer import Tokenizer
@@ -83,6 +90,22 @@ def training_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer
             "config": config.to_dict(), "world_size": len(rng), "vocabulary": vocabulary}
 
 
+def for_translation(state: dict[str, Any]) -> dict[str, Any]:
+    """A training checkpoint's state without what only resuming needs (the optimizer's moments
+    are twice the weights): what best.pt and average.pt hold."""
+    return {k: v for k, v in state.items() if k not in ("optimizer", "scaler", "rng")}
+
+
+def weights_digest(model: torch.nn.Module, step: int) -> str:
+    """A hash of the model's weights (their bytes, in order) and the step: equal on two ranks
+    exactly when they hold the same state to train on."""
+    digest = hashlib.blake2b(str(step).encode(), digest_size=16)
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def check_vocabulary(state: dict[str, Any], tokenizer: Tokenizer, checkpoint: Path,
                      tokenizer_dir: Path) -> None:
     """Raise CheckpointError, naming both, if the checkpoint `state` (read from `checkpoint`)
@@ -122,22 +145,122 @@ def restore_training(saved: dict[str, Any], model: torch.nn.Module,
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write a training state (tensors, numbers, strings, lists, dicts) atomically."""
-    buffer = io.BytesIO()
-    torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    """Write a training state (tensors, numbers, strings, lists, dicts) atomically: serialised
+    straight into the temporary file, never whole in memory first."""
+    with atomic_open(path, "wb") as f:
+        torch.save({"format_version": FORMAT_VERSION, **state}, f)
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def split_tensors(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    """`obj` (dicts, lists, tuples of tensors and plain data) with every tensor replaced by
+    its position in `tensors`, to which it is appended: the skeleton travels as one small
+    object, the tensors as they are."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return _TensorSlot(len(tensors) - 1)
+    if isinstance(obj, dict):
+        return {k: split_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(split_tensors(v, tensors) for v in obj)
+    return obj
+
+
+def join_tensors(skeleton: Any, tensors: list[torch.Tensor]) -> Any:
+    """The inverse of split_tensors."""
+    if isinstance(skeleton, _TensorSlot):
+        return tensors[skeleton.index]
+    if isinstance(skeleton, dict):
+        return {k: join_tensors(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, (list, tuple)):
+        return type(skeleton)(join_tensors(v, tensors) for v in skeleton)
+    return skeleton
+
+
+@dataclass(frozen=True)
+class _TensorSlot:
+    index: int
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, one at a time.
+
+    `save` pauses the caller only to copy the state's tensors into host buffers, kept from one
+    save to the next (allocating and first touching gigabytes costs more than copying into
+    them), then returns while a thread serialises the copy into a temporary file, fsyncs and
+    renames it (save_checkpoint) and runs `then` (pruning). A save waits for the write before
+    it; an error of a write is raised by the next `save` or by `wait`."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._buffers: dict[tuple, list[torch.Tensor]] = {}
+        self.pause_s = self.write_s = 0.0  # of the last save
+
+    def save(self, path: Path, state: dict[str, Any], then: Callable[[], None] | None = None
+             ) -> None:
+        self.wait()
+        start = time.perf_counter()
+        tensors: list[torch.Tensor] = []
+        skeleton = split_tensors(state, tensors)
+        # One set of buffers per kind of state: a training checkpoint, a translation one.
+        kind = tuple((t.shape, t.dtype) for t in tensors)
+        if kind not in self._buffers:
+            pin = torch.cuda.is_available() and any(t.is_cuda for t in tensors)
+            self._buffers[kind] = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+                                   for t in tensors]
+        buffers = self._buffers[kind]
+        for buffer, tensor in zip(buffers, tensors):
+            buffer.copy_(tensor.detach(), non_blocking=True)
+        if any(t.is_cuda for t in tensors):
+            torch.cuda.synchronize()  # the copies are complete before training goes on
+        copy = join_tensors(skeleton, buffers)
+        self.pause_s = time.perf_counter() - start
+
+        def write() -> None:
+            began = time.perf_counter()
+            try:
+                save_checkpoint(path, copy)
+                if then is not None:
+                    then()
+            except BaseException as e:  # raised again in the training thread
+                self._error = e
+            self.write_s = time.perf_counter() - began
+
+        self._thread = threading.Thread(target=write, name="traduire-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Wait for the write in progress; raise its error, if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def close(self) -> None:
+        """Wait for the write in progress and free the host buffers."""
+        try:
+            self.wait()
+        finally:
+            self._buffers = {}
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False
+                    ) -> dict[str, Any]:
     """Read a checkpoint safely. Raises CheckpointError naming the file if it is missing,
-    truncated, not a checkpoint, unsafe, or written by a newer traduire."""
+    truncated, not a checkpoint, unsafe, or written by a newer traduire. With `mmap`, the
+    tensors are mapped from the file and read only when used (a file in torch's older,
+    non-zip format is read whole)."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as f:
+            mmap = mmap and f.read(2) == b"PK"
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # pickle, zip and torch errors all mean "not a usable checkpoint"
         raise CheckpointError(f"{path}: not a readable traduire checkpoint "
                               f"({_why_unreadable(path, e)})") from None
@@ -183,10 +306,17 @@ def load_latest(directory: Path, map_location: str | torch.device,
     """The newest readable periodic checkpoint in `directory` (None if there is none). A
     damaged one is reported through `warn` and the one before it used; if none of several can
     be read it is an error, since starting over silently would throw away a whole run."""
+    found = latest_readable(directory, map_location, warn)
+    return found[1] if found else None
+
+
+def latest_readable(directory: Path, map_location: str | torch.device,
+                    warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """load_latest, with the path of the checkpoint read."""
     found = step_checkpoints(directory)
     for path in reversed(found):
         try:
-            return load_checkpoint(path, map_location=map_location)
+            return path, load_checkpoint(path, map_location=map_location)
         except CheckpointError as e:
             warn(f"{e}; falling back to an earlier checkpoint")
     if found:
@@ -229,17 +359,27 @@ def prune_checkpoints(directory: Path, keep_last: int) -> None:
 
 def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
     """Element-wise mean of the model weights of several checkpoints (Vaswani et al. average
-    the last 5 or 20); the first checkpoint supplies everything else. Checkpoints of different
-    vocabularies are refused; one without a fingerprint goes with any (a run resumed after
-    checkpoints began to carry it has some of each)."""
+    the last 5 or 20); the first checkpoint supplies the rest of what translating needs (no
+    optimizer or random state). Checkpoints of different vocabularies are refused; one
+    without a fingerprint goes with any (a run resumed after checkpoints began to carry it has
+    some of each).
+
+    The checkpoints are memory-mapped and read one after another, so only their model weights
+    are read (never the optimizer's moments, twice their size) and only one checkpoint's are
+    resident at a time beside the sum: at its peak, about twice the weights. Floating-point
+    weights are summed in their own precision (at least float32: a mean of a few checkpoints
+    loses nothing a float32 model keeps); integer buffers in float64."""
     if not paths:
         raise CheckpointError("no checkpoints to average")
-    first = load_checkpoint(paths[0])
-    total = {k: v.double() for k, v in first["model"].items()}
+    first = load_checkpoint(paths[0], mmap=True)
+    total = {k: _accumulator(v) for k, v in first["model"].items()}
+    dtypes = {k: v.dtype for k, v in first["model"].items()}
+    averaged = {k: v for k, v in for_translation(first).items() if k != "model"}
+    del first
     # The first fingerprint found and where: the average carries it.
-    vocabulary, vocabulary_path = first.get("vocabulary"), paths[0]
+    vocabulary, vocabulary_path = averaged.get("vocabulary"), paths[0]
     for path in paths[1:]:
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, mmap=True)
         weights, other = state["model"], state.get("vocabulary")
         if weights.keys() != total.keys():
             raise CheckpointError(f"{path}: different model parameters than {paths[0]}")
@@ -250,14 +390,20 @@ def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
                                   f"{other}) than {vocabulary_path} ({vocabulary}); average "
                                   "checkpoints of one run")
         for k, v in weights.items():
-            total[k] += v.double()
-    first["model"] = {k: (v / len(paths)).to(first["model"][k].dtype) for k, v in total.items()}
-    for key in ("optimizer", "rng"):
-        first.pop(key, None)  # an average is for translating, not for resuming
-    first["averaged_from"] = [str(p) for p in paths]
+            total[k].add_(v)
+        del state, weights  # unmaps the file before the next one is read
+    averaged["model"] = {k: v.div_(len(paths)).to(dtypes[k]) for k, v in total.items()}
+    averaged["averaged_from"] = [str(p) for p in paths]
     if vocabulary is not None:
-        first["vocabulary"] = vocabulary
-    return first
+        averaged["vocabulary"] = vocabulary
+    return averaged
+
+
+def _accumulator(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` to sum others into (in RAM, not in the mapped file)."""
+    if tensor.is_floating_point():
+        return tensor.to(torch.promote_types(tensor.dtype, torch.float32), copy=True)
+    return tensor.to(torch.float64, copy=True)
 
 
 def average_last(directory: Path, last: int, output: Path) -> list[Path]:

@@ -12,6 +12,7 @@ for the GPU either.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -128,6 +129,49 @@ def all_gather(value: Any) -> list[Any]:
     return out
 
 
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` (small plain data), seen by every rank."""
+    if not _active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_control_group)
+    return box[0]
+
+
+def broadcast_state(state: Any) -> Any:
+    """Rank 0's `state` (dicts and lists of CPU tensors and plain data, such as a checkpoint),
+    on every rank; the other ranks pass None. The structure travels as one small object and
+    each tensor as itself, straight into a tensor of its own on the receiving ranks: no rank
+    holds a second serialised copy."""
+    if not _active():
+        return state
+    from traduire.checkpoint import join_tensors, split_tensors
+
+    tensors: list[torch.Tensor] = []
+    skeleton = split_tensors(state, tensors) if dist.get_rank() == 0 else None
+    shapes = [(t.shape, t.dtype) for t in tensors]
+    skeleton, shapes = broadcast_object((skeleton, shapes))
+    if dist.get_rank() != 0:
+        tensors = [torch.empty(shape, dtype=dtype) for shape, dtype in shapes]
+    for tensor in tensors:
+        if tensor.numel():
+            dist.broadcast(tensor.contiguous(), src=0, group=_control_group)
+    return join_tensors(skeleton, tensors)
+
+
+def check_same(value: str, what: str) -> None:
+    """Stop every rank, with one line naming the ranks that differ from rank 0, unless all
+    hold the same `value` (e.g. a hash of their weights)."""
+    values = all_gather(value)
+    differ = [rank for rank, v in enumerate(values) if v != values[0]]
+    if differ:
+        names = ", ".join(map(str, differ))
+        who = f"ranks {names} differ" if len(differ) > 1 else f"rank {names} differs"
+        raise TraduireError(f"{who} from rank 0 in {what}; every rank must train from the "
+                            "same checkpoint: is the run directory one directory shared by "
+                            "every node, with the same files on each?")
+
+
 def launch_token() -> str:
     """A name for this launch, the same on every rank: rank 0's, broadcast right after the
     process group forms (every rank is there, so this waits for nobody)."""
@@ -137,29 +181,81 @@ def launch_token() -> str:
     return token[0]
 
 
+# The file rank 0 writes into the run directory at start-up, for every rank to read back.
+SHARED_DIR_TOKEN = ".launch"
+HEARTBEAT_S = 5.0  # how often rank 0 says, in the status file, that it is still preparing
+
+
+def _seconds_from_env(name: str, default: float) -> float:
+    value = os.environ.get(name, "")
+    try:
+        return float(value) if value else default
+    except ValueError:
+        raise TraduireError(f"{name}={value!r}: not a number of seconds") from None
+
+
+def check_shared_run_dir(run_dir: Path, ctx: Context) -> None:
+    """Stop every rank with one line unless every rank sees the run directory rank 0 writes
+    into: rank 0 writes a file named for this launch there and the others look for it, for
+    up to TRADUIRE_RUN_DIR_TIMEOUT seconds (120: a network filesystem may take a while to show
+    another node's new file). A node that has its own directory at that path would otherwise
+    wait for rank 0's stages for ever, or train from other files."""
+    if not ctx.enabled:
+        return
+    token = launch_token()
+    path = Path(run_dir) / SHARED_DIR_TOKEN
+    bound = _seconds_from_env("TRADUIRE_RUN_DIR_TIMEOUT", 120.0)
+    seen = True
+    if ctx.is_main:
+        atomic_write_text(path, token)
+    else:
+        deadline = time.monotonic() + bound
+        while _read_text(path) != token:
+            if time.monotonic() >= deadline:
+                seen = False
+                break
+            time.sleep(0.2)
+    blind = [rank for rank, saw in enumerate(all_gather(seen)) if not saw]
+    if ctx.is_main:
+        path.unlink(missing_ok=True)
+    if blind:
+        ranks = ", ".join(map(str, blind))
+        raise TraduireError(
+            f"rank{'s' if len(blind) > 1 else ''} {ranks} did not see, within {bound:.0f} s, "
+            f"the file rank 0 wrote into the run directory {run_dir}: the run directory must be "
+            "on a filesystem all nodes share, at the same path on each (set "
+            "TRADUIRE_RUN_DIR_TIMEOUT to wait longer)")
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def run_on_main(work: Callable[[], None], status_file: Path, ctx: Context,
                 say: Callable[[str], None]) -> None:
     """Run `work` on rank 0 while the other ranks wait for it, however long it takes.
 
     The wait is no collective, whose timeout would kill the job while rank 0 prepares a large
     corpus: rank 0 writes its outcome to `status_file` (on the run directory, which all nodes
-    share), the others poll it, saying every minute what they wait for. If rank 0 fails, the
-    others stop within seconds with rank 0's message."""
+    share: see check_shared_run_dir), and while it works a heartbeat every HEARTBEAT_S; the
+    others poll it, saying every minute what they wait for. If rank 0 fails, the others stop
+    within seconds with rank 0's message; if its heartbeat stops for
+    TRADUIRE_HEARTBEAT_TIMEOUT seconds (60), they stop saying that rank 0 stopped reporting."""
     if not ctx.enabled:
         work()
         return
     token = launch_token()
     if ctx.is_main:
-        try:
+        with _Heartbeat(status_file, token):
             work()
-        except BaseException as e:
-            _write_status(status_file, token, "failed", str(e) or type(e).__name__)
-            raise
-        _write_status(status_file, token, "done", "")
         return
+    stale = _seconds_from_env("TRADUIRE_HEARTBEAT_TIMEOUT", 60.0)
     with _TerminateRaises():
         try:
-            _wait_for_main(status_file, token, ctx, say)
+            _wait_for_main(status_file, token, ctx, say, stale)
         except _Terminated:
             # The launcher stops the waiting ranks as soon as rank 0 exits, often before
             # they poll again: rank 0's outcome, if it wrote one, is still the news to give.
@@ -167,15 +263,61 @@ def run_on_main(work: Callable[[], None], status_file: Path, ctx: Context,
             raise SystemExit(128 + signal.SIGTERM) from None
 
 
+class _Heartbeat:
+    """Within the block, a thread writes {"state": "working", "beat": n} into the status file
+    every HEARTBEAT_S; on leaving, the thread stops and the outcome is written: "done", or
+    "failed" with the error's message."""
+
+    def __init__(self, status_file: Path, token: str) -> None:
+        self._file, self._token = status_file, token
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True,
+                                        name="traduire-heartbeat")
+
+    def _beat(self) -> None:
+        beat = 0
+        while True:
+            with contextlib.suppress(OSError):  # a missed beat is no error; many are
+                _write_status(self._file, self._token, "working", "", beat)
+            beat += 1
+            if self._stop.wait(HEARTBEAT_S):
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        self._stop.set()
+        self._thread.join()  # no beat may land after the outcome
+        if error is None:
+            _write_status(self._file, self._token, "done", "")
+        else:
+            _write_status(self._file, self._token, "failed", str(error) or type(error).__name__)
+
+
 def _wait_for_main(status_file: Path, token: str, ctx: Context,
-                   say: Callable[[str], None]) -> None:
-    started = last_said = time.monotonic()
-    while not _check_status(_read_status(status_file), token, ctx):
+                   say: Callable[[str], None], stale: float = 60.0) -> None:
+    started = last_said = last_beat_at = time.monotonic()
+    last_beat: Any = None
+    while True:
+        status = _read_status(status_file)
+        if _check_status(status, token, ctx):
+            return
+        now = time.monotonic()
+        beat = status.get("beat") if status and status.get("token") == token else None
+        if beat is not None and beat != last_beat:
+            last_beat, last_beat_at = beat, now  # this node's clock: nodes' clocks differ
+        elif now - last_beat_at >= stale:
+            raise TraduireError(f"rank {ctx.rank}: rank 0 stopped reporting: no word from it "
+                                f"in {status_file} for {stale:.0f} s while it prepared the "
+                                "data and tokenizer (see rank 0's output; set "
+                                "TRADUIRE_HEARTBEAT_TIMEOUT to wait longer)")
         time.sleep(0.5)
-        if time.monotonic() - last_said >= 60:
-            last_said = time.monotonic()
+        if now - last_said >= 60:
+            last_said = now
             say(f"rank {ctx.rank}: waiting for rank 0 to prepare the data and tokenizer "
-                f"({(last_said - started) / 60:.0f} min)")
+                f"({(now - started) / 60:.0f} min)")
 
 
 def _check_status(status: dict[str, Any] | None, token: str, ctx: Context) -> bool:
@@ -252,8 +394,12 @@ class StopRequest:
         self._previous = {}
 
 
-def _write_status(path: Path, token: str, state: str, message: str) -> None:
-    atomic_write_text(path, json.dumps({"token": token, "state": state, "message": message}))
+def _write_status(path: Path, token: str, state: str, message: str, beat: int | None = None
+                  ) -> None:
+    record: dict[str, Any] = {"token": token, "state": state, "message": message}
+    if beat is not None:
+        record["beat"] = beat
+    atomic_write_text(path, json.dumps(record))
 
 
 def _read_status(path: Path) -> dict[str, Any] | None:
@@ -279,3 +425,51 @@ def shutdown() -> None:
     if _active():
         dist.destroy_process_group()
     _control_group = None
+
+
+def data_parallel(model: torch.nn.Module, grad_reduce: str) -> torch.nn.Module:
+    """`model` wrapped for data parallelism (DDP). No buffer is broadcast before each forward
+    pass (the model's one buffer, the position table, never changes); the gradients live in
+    DDP's all-reduce buckets instead of being copied into them and back; and with NCCL,
+    grad_reduce "bf16" sends them in bf16, half the bytes of fp32 (242 MB a step for
+    Transformer-base, 836 MB for Transformer-big, in fp32): each rank's gradient is rounded to
+    bf16, summed, and written back in fp32. gloo (CPU training) keeps fp32 whatever it says."""
+    import inspect
+
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    # broadcast_buffers=False is spelled forward_sync_buffers=False from torch 2.13 on.
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+               inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+    ddp = DistributedDataParallel(model, gradient_as_bucket_view=True, **{no_sync: False})
+    if grad_reduce == "bf16" and bf16_reduce_supported():
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return ddp
+
+
+def bf16_reduce_supported() -> bool:
+    """Whether the gradients' backend sums bf16 itself: NCCL from 2.10, on GPUs with bf16."""
+    return (_active() and dist.get_backend() == "nccl" and torch.cuda.is_bf16_supported()
+            and torch.cuda.nccl.version() >= (2, 10))
+
+
+class Agreement:
+    """`any_rank` without waiting for it: the maximum over the ranks of small integers,
+    started when made and read with `result`. The training loop starts one as a step begins
+    and reads it when the step is done, so that the exchange runs while the step computes
+    instead of holding the host after it; what any rank asked for by the start of a step,
+    every rank learns at its end, at the same step."""
+
+    def __init__(self, values: list[int]) -> None:
+        self._values, self._work = values, None
+        if _active():
+            self._tensor = torch.tensor(values, dtype=torch.int64)
+            self._work = dist.all_reduce(self._tensor, op=dist.ReduceOp.MAX,
+                                         group=_control_group, async_op=True)
+
+    def result(self) -> list[int]:
+        if self._work is None:
+            return self._values
+        self._work.wait()
+        return self._tensor.tolist()

@@ -16,7 +16,7 @@ Run directory layout:
   data/{train,valid}      cleaned text pairs (Arrow), data/report.json: what was dropped and why;
                           data/test.<lang>: held-out test text where the source has a test split
   tokenizer/spm.model     SentencePiece model(s)
-  encoded/{train,valid}   token ids (Arrow)
+  encoded/{train,valid}   token ids and lengths (numpy arrays, memory-mapped by training)
   checkpoints/step_N.pt   periodic checkpoints (the newest train.keep_last)
   best.pt                 the best checkpoint by validation loss (or BLEU: train.best_metric)
   average.pt              with train.average_last: the mean of the last checkpoints
@@ -42,7 +42,7 @@ import yaml
 from rich.console import Console
 
 from traduire import distributed
-from traduire.batch import EncodedCorpus
+from traduire.batch import EncodedCorpus, is_encoded, save_encoded
 from traduire.config import (
     BOUND_KEYS,
     Config,
@@ -65,6 +65,10 @@ console = Console(stderr=True)
 
 RUN_FORMAT_VERSION = 1
 STAGES = ("data", "tokenizer", "model")
+# Files of one launch's ranks talking through the run directory (distributed.py), which
+# may be there before run.json: they do not make a directory foreign.
+LAUNCH_STATUS = ".launch-status.json"
+LAUNCH_FILES = {LAUNCH_STATUS, distributed.SHARED_DIR_TOKEN}
 STAGE_OUTPUTS = {"data": ["data"], "tokenizer": ["tokenizer", "encoded"],
                  "model": ["checkpoints", "best.pt", "average.pt", "metrics.jsonl",
                            "tensorboard"]}
@@ -115,15 +119,16 @@ def run(config: Config, run_dir: Path, overwrite: bool = False) -> TrainState:
         write_record(run_dir, "model", config)
 
     # Every rank checks (reading only) that the directory may be used, so a foreign one stops
-    # all of them at once; rank 0's outcome is then written into the run directory only.
+    # all of them at once; rank 0's outcome is then written into the run directory only,
+    # which every rank must see: that is checked next, in bounded time.
     claim_run_dir(run_dir)
-    distributed.run_on_main(prepare_on_main, run_dir / "stages" / ".prepared.json", ctx,
-                            console.print)
+    distributed.check_shared_run_dir(run_dir, ctx)
+    distributed.run_on_main(prepare_on_main, run_dir / LAUNCH_STATUS, ctx, console.print)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
-    train_data = EncodedCorpus(datasets.load_from_disk(str(run_dir / "encoded" / "train")),
-                               max_len=min(config.train.max_len, config.model.max_positions))
-    valid_data = EncodedCorpus(datasets.load_from_disk(str(run_dir / "encoded" / "valid")),
-                               max_len=config.model.max_positions)
+    # The ids stay on disk, memory-mapped; opening reads the lengths alone (open_encoded).
+    train_data = open_encoded(run_dir, "train",
+                              max_len=min(config.train.max_len, config.model.max_positions))
+    valid_data = open_encoded(run_dir, "valid", max_len=config.model.max_positions)
     if len(train_data) == 0:
         raise DataError(f"no training pair fits train.max_len={config.train.max_len} tokens")
     return Trainer(config, run_dir, tokenizer, train_data, valid_data).train()
@@ -208,6 +213,7 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
     tokenizer) and encode both splits."""
     if _read_record(run_dir, "tokenizer") is not None and (run_dir / "encoded").is_dir():
         console.print("tokenizer: done (skipped)")
+        _upgrade_encoded(run_dir)
         return
     _move_leftovers(run_dir, "tokenizer")
     train = datasets.load_from_disk(str(run_dir / "data" / "train"))
@@ -240,7 +246,7 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
         for split, pairs in (("train", train), ("valid", valid)):
             encoded = encode_corpus(pairs, tokenizer, cache / f"encoded-{split}-{key}.arrow",
                                     workers, desc=f"encoding {split}")
-            _save(encoded, out / split)
+            save_encoded(encoded, out / split, _vocab_size(tokenizer))
             pieces = [pc.sum(encoded.data.column(f"{side}_len")).as_py() or 0
                       for side in ("src", "tgt")]
             console.print(f"  {split}: {pieces[0]:,} source and {pieces[1]:,} target pieces")
@@ -248,6 +254,38 @@ def prepare_tokenizer(config: Config, run_dir: Path) -> None:
     # `datasets`' intermediate files (the loaded, judged and encoded copies: 3-5x the corpus
     # on disk) are no longer needed once both stages have saved their outputs.
     shutil.rmtree(run_dir / "cache", ignore_errors=True)
+
+
+def _vocab_size(tokenizer: Tokenizer) -> int:
+    return max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+
+
+def open_encoded(run_dir: Path, split: str, max_len: int) -> EncodedCorpus:
+    """An encoded split of a run, its text (for reports) left in data/<split> until asked
+    for. An encoded/ of the layout before this one is refused with the command that
+    converts it (prepare and train do it themselves)."""
+    path = Path(run_dir) / "encoded" / split
+    if not is_encoded(path):
+        raise DataError(f"{path}: encoded in an older layout (token ids beside the text); run "
+                        f"`traduire prepare --run-dir {run_dir}` once to convert it")
+    return EncodedCorpus.open(path, max_len=max_len, texts=Path(run_dir) / "data" / split)
+
+
+def _upgrade_encoded(run_dir: Path) -> None:
+    """Convert encoded/ from the older layout (Arrow rows holding the ids, the lengths and
+    the text) to this one (arrays of ids and lengths), once: the ids are copied as they are,
+    nothing is encoded again."""
+    encoded = run_dir / "encoded"
+    splits = [p for p in sorted(encoded.iterdir()) if p.is_dir()]
+    if all(is_encoded(p) for p in splits):
+        return
+    console.print("tokenizer: converting encoded/ to the current layout (ids and lengths in "
+                  "arrays of their own, without the text); once")
+    tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    with replace_directory(encoded) as out:
+        for split in splits:
+            save_encoded(datasets.load_from_disk(str(split)), out / split.name,
+                         _vocab_size(tokenizer))
 
 
 def stage_settings(config: Config, stage: str) -> dict[str, Any]:
@@ -275,7 +313,8 @@ def claim_run_dir(run_dir: Path) -> None:
     if not run_dir.exists() or (run_dir / "run.json").is_file():
         return
     try:
-        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir())
+        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir()
+                         if p.name not in LAUNCH_FILES)
     except OSError as e:
         raise TraduireError(f"{run_dir}: cannot read it ({e.strerror})") from None
     if entries:

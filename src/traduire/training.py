@@ -13,7 +13,9 @@ non-finite steps, and the ranks agree after every step on whether to stop.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -21,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from traduire import distributed
 from traduire.batch import (
@@ -30,26 +31,30 @@ from traduire.batch import (
     PlannedStep,
     Prefetcher,
     StepPlan,
+    rounded_steps,
     training_steps,
 )
 from traduire.checkpoint import (
+    CheckpointWriter,
     TrainState,
     average_checkpoints,
     check_vocabulary,
-    load_latest,
+    for_translation,
+    latest_readable,
+    load_checkpoint,
     prune_checkpoints,
     rank_seed,
     remove_leftovers,
     restore_training,
     rng_state,
     save_average,
-    save_checkpoint,
     step_checkpoints,
     training_checkpoint,
+    weights_digest,
 )
 from traduire.config import Config, TrainConfig, parse_duration
 from traduire.device import AUTOCAST_DTYPES, resolve_device, training_precision
-from traduire.errors import TraduireError
+from traduire.errors import CheckpointError, TraduireError
 from traduire.evaluate import validate_bleu, validate_loss
 from traduire.finetune import load_initial_weights, record_origin
 from traduire.loading import build_model
@@ -97,8 +102,9 @@ class Trainer:
                         else None)
         if self.dist.rank > 0:
             torch.manual_seed(rank_seed(self.cfg.seed, self.dist.rank))
-        self.net = DistributedDataParallel(self.model) if self.dist.enabled else self.model
-        if self.cfg.compile:
+        self.net = (distributed.data_parallel(self.model, self.cfg.grad_reduce)
+                    if self.dist.enabled else self.model)
+        if self.cfg.compile:  # inputs are marked dynamic (_loss): one compilation serves all
             self.net = torch.compile(self.net)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr,
                                           betas=self.cfg.adam_betas, eps=self.cfg.adam_eps,
@@ -122,6 +128,7 @@ class Trainer:
         self.skipped = torch.zeros((), device=self.device)
         self.grad_norm: torch.Tensor | None = None  # of the last step, when it was computed
         self.flops = ModelFlops(self.model)
+        self.writer = CheckpointWriter()  # rank 0's checkpoints, written in the background
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -145,14 +152,22 @@ class Trainer:
                         world_size=self.dist.world_size, accumulate=self.cfg.accumulate)
         steps: Iterator[PlannedStep] = training_steps(self.train_data, plan, self.state.epoch,
                                                       self.state.batch_in_epoch)
+        if self.cfg.compile and self.cfg.compile_multiple > 1:
+            steps = rounded_steps(steps, self.cfg.compile_multiple, tok.pad_id)
         if self.device.type == "cuda":
             # The next batches are gathered, padded and pinned while the GPU works, so that
             # the copy to the device is asynchronous. Not on a CPU: its cores all compute the
             # step, and a thread building batches beside them took more of the step (in CPU
             # time and hand-overs of Python's interpreter lock) than building them in turn.
             steps = Prefetcher(steps, pin=True)
-        with self.stop_request, self.monitor, contextlib.closing(steps):
-            stopped_by = self._loop(iter(steps))
+        try:
+            with self.stop_request, self.monitor, contextlib.closing(steps):
+                stopped_by = self._loop(iter(steps))
+        except BaseException:
+            with contextlib.suppress(Exception):  # the error in flight is the news
+                self.writer.close()
+            raise
+        self.writer.close()  # the last checkpoint is on disk before the run says it is done
         if stopped_by:
             raise TrainingInterrupted(signal.Signals(stopped_by).name, self.state.step,
                                       self._latest_checkpoint())
@@ -174,8 +189,7 @@ class Trainer:
             window.add(loss, int(planned.src_lengths.sum()), int(planned.tgt_lengths.sum()),
                        self.flops(planned.src_lengths, planned.tgt_lengths))
             self.monitor.advance(self.state.step)
-            done, stopped_by = distributed.any_rank([int(self._done()),
-                                                     self.stop_request.signal_number])
+            done, stopped_by = self._stop_decision()
             step, stop = self.state.step, bool(done or stopped_by)
             if stopped_by and not self.stop_request.signal_number:
                 self.monitor.info(f"{signal.Signals(stopped_by).name} reached another rank: "
@@ -197,6 +211,9 @@ class Trainer:
         batch's summed loss as a tensor on the device (not read here: reading waits for the
         GPU)."""
         self.net.train()
+        if self.dist.enabled:  # the ranks agree on stopping while the step computes
+            self._agreement = distributed.Agreement(
+                [int(self.state.elapsed >= self.max_time), self.stop_request.signal_number])
         loss_sum = torch.zeros((), device=self.device)
         for i, (batch, weight) in enumerate(parts):
             batch = batch.to(self.device)
@@ -217,6 +234,9 @@ class Trainer:
     def _loss(self, batch: Batch, label_smoothing: float) -> torch.Tensor:
         """Summed cross-entropy over the batch's real target tokens."""
         dtype = AUTOCAST_DTYPES.get(self.precision)
+        if self.cfg.compile:  # any batch size and length: compiled once, not once per shape
+            for tensor, dim in itertools.product((batch.src, batch.tgt_in), (0, 1)):
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             logits = self.net(batch.src, batch.tgt_in)
         # Nothing reads the logits after the loss: their gradient is written over them.
@@ -259,11 +279,22 @@ class Trainer:
                 f"train.lr, use fp32 or bf16 instead of fp16, or check the data; the last good "
                 f"checkpoint is {self._latest_checkpoint()}")
 
-    def _done(self) -> bool:
+    def _stop_decision(self) -> tuple[int, int]:
+        """Whether to stop after this step, and the signal that asked for it (0: none), the
+        same on every rank. Step, epoch and validations are the same on every rank; the clock
+        and signals are not: the ranks agree on them through the Agreement started with the
+        step, which has run while the step computed (a signal or the time limit reached during
+        a step stops the run after the next one)."""
+        if not self.dist.enabled:
+            return int(self._done()), self.stop_request.signal_number
+        out_of_time, stopped_by = self._agreement.result()
+        return int(self._done(clock=False) or out_of_time), stopped_by
+
+    def _done(self, clock: bool = True) -> bool:
         c, s = self.cfg, self.state
         return bool((c.max_steps and s.step >= c.max_steps)
                     or (c.max_epochs and s.epoch >= c.max_epochs)
-                    or s.elapsed >= self.max_time
+                    or (clock and s.elapsed >= self.max_time)
                     or (c.patience and s.validations_without_improvement >= c.patience))
 
     # --- logging and validation ----------------------------------------------------------------
@@ -320,11 +351,15 @@ class Trainer:
         best.pt (or there is no validation set). The last checkpoints of a short run can span
         much of its learning, and then their mean is worse than its newest member: the choice
         is made on the validation set, never assumed. Every rank takes part (validation is
-        shared); the checkpoints are read from the run directory, as on resume."""
+        shared); rank 0 reads the checkpoints and hands the mean to the others."""
         paths = step_checkpoints(self.checkpoint_dir)[-self.cfg.average_last:]
         if not paths:
             return
-        averaged = average_checkpoints(paths)
+        # Rank 0 reads the checkpoints (their weights only); the others receive the mean.
+        averaged = average_checkpoints(paths) if self.dist.is_main else None
+        if len(self.valid_data):
+            model = distributed.broadcast_state(averaged["model"] if averaged else None)
+            averaged = averaged or {"model": model}
         names = f"{len(paths)} checkpoints ({paths[0].name} .. {paths[-1].name})"
         keep = True
         if len(self.valid_data):
@@ -344,34 +379,68 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------------
 
     def _save(self, path: Path | None = None) -> None:
-        """Write a checkpoint (every rank takes part: each one's random state goes in it)."""
+        """Write a checkpoint (every rank takes part: each one's random state goes in it). The
+        loop pauses while rank 0 copies the state to host memory; the write goes on in the
+        background (CheckpointWriter). `path` (best.pt) gets what translating needs only."""
         rng = distributed.all_gather(rng_state(self.device))
         if self.dist.is_main:
-            save_checkpoint(path or self.checkpoint_dir / f"step_{self.state.step:08d}.pt",
-                            training_checkpoint(self.model, self.optimizer, self.scaler,
-                                                self.state, rng, self.config,
-                                                self.tokenizer.fingerprint()))
+            state = training_checkpoint(self.model, self.optimizer, self.scaler, self.state,
+                                        rng, self.config, self.tokenizer.fingerprint())
             if path is None:
-                prune_checkpoints(self.checkpoint_dir, self.cfg.keep_last)
+                self.writer.save(self.checkpoint_dir / f"step_{self.state.step:08d}.pt", state,
+                                 then=lambda: prune_checkpoints(self.checkpoint_dir,
+                                                                self.cfg.keep_last))
+            else:
+                self.writer.save(path, for_translation(state))
             self.monitor.sync()
         distributed.barrier()
 
     def _resume(self) -> None:
-        """Continue from the newest readable checkpoint (a damaged one is reported and the one
-        before it used)."""
+        """Continue from the newest readable checkpoint, the same one on every rank.
+
+        Rank 0 chooses it (a damaged one is reported and the one before it used) and reads
+        it; the others receive it by broadcast, so the shared filesystem serves one reader
+        and a node that sees another file, or none, still trains the same state. With
+        TRADUIRE_RESUME_READ=each, every rank reads the file rank 0 chose. Either way the
+        ranks then compare a hash of their weights and step, and stop with one line naming
+        those that differ, rather than train different models from then on."""
         if self.dist.is_main:
             remove_leftovers(self.run_dir)
-        saved = load_latest(self.checkpoint_dir, self.device, self.monitor.warn)
-        if saved is not None:
-            # Weights trained on other pieces would go on training into garbage.
-            check_vocabulary(saved, self.tokenizer, self.checkpoint_dir, self.run_dir / "tokenizer")
-            self.state = restore_training(saved, self.model, self.optimizer, self.scaler,
-                                          self.config, self.dist.rank, self.dist.world_size,
-                                          self.device)
-            self.skipped.fill_(self.state.skipped_steps)
-            self.bad_in_a_row.fill_(self.state.bad_steps_in_a_row)
+        found, error = None, None
+        if self.dist.is_main:
+            try:
+                found = latest_readable(self.checkpoint_dir, "cpu", self.monitor.warn)
+            except CheckpointError as e:
+                error = e
+        name, message = distributed.broadcast_object(
+            (found[0].name if found else None, str(error) if error else None))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise CheckpointError(message)
+        if name is None:
+            return
+        saved = found[1] if found else None
+        if os.environ.get("TRADUIRE_RESUME_READ", "broadcast") == "each":
+            if saved is None:
+                saved = load_checkpoint(self.checkpoint_dir / name)
+        else:
+            saved = distributed.broadcast_state(saved)
+        # Weights trained on other pieces would go on training into garbage.
+        check_vocabulary(saved, self.tokenizer, self.checkpoint_dir, self.run_dir / "tokenizer")
+        self.state = restore_training(saved, self.model, self.optimizer, self.scaler,
+                                      self.config, self.dist.rank, self.dist.world_size,
+                                      self.device)
+        del saved
+        self.skipped.fill_(self.state.skipped_steps)
+        self.bad_in_a_row.fill_(self.state.bad_steps_in_a_row)
+        if self.dist.enabled:
+            distributed.check_same(weights_digest(self.model, self.state.step),
+                                   f"weights or step after loading {name}")
 
     def _latest_checkpoint(self) -> Path | None:
+        with contextlib.suppress(Exception):  # a failed write is reported on its own
+            self.writer.wait()
         found = step_checkpoints(self.checkpoint_dir)
         return found[-1] if found else None
 
