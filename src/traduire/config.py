@@ -170,6 +170,12 @@ class TrainConfig:
     # optimizer and schedule start afresh.
     init_from: str | None = None
     compile: bool = False  # torch.compile the model (helps on GPU; rarely on CPU)
+    # With compile: sentence lengths padded up to a multiple of this, so that a few shapes
+    # recur and the compiled model takes any batch without compiling again (1: no padding).
+    compile_multiple: Positive[int] = 8
+    # The gradients' all-reduce between ranks: bf16 halves the traffic (NCCL only; gloo, on
+    # CPUs, sums in fp32 whatever this says); fp32 sums them as they are.
+    grad_reduce: Literal["bf16", "fp32"] = "bf16"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: NonNegative[int] = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     # Bounds: these may change between runs of the same run directory.
@@ -204,7 +210,7 @@ ARCHITECTURE_KEYS = ("layers", "encoder_layers", "decoder_layers", "d_model", "h
 BOUND_KEYS = frozenset({"max_steps", "max_epochs", "max_time", "save_every", "keep_last",
                         "average_last", "valid_every", "valid_bleu", "valid_bleu_sentences",
                         "valid_beam", "patience", "max_bad_steps", "log_every", "tensorboard",
-                        "progress", "device", "threads", "compile"})
+                        "progress", "device", "threads", "compile", "compile_multiple"})
 
 
 @dataclass(frozen=True)
