@@ -220,16 +220,56 @@ def translate(
         "--flag-below", help="Warn on stderr about lines whose mean token log-probability is "
         "below this (a sign of a hallucinated or failed translation).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    workers: Annotated[int, typer.Option(
+        help="Translate on this many processes (CPU), the threads split among them; the "
+        "output is the same for any number. Under torchrun, one process per rank instead "
+        "(a GPU each where there are GPUs).")] = 1,
+    threads: Annotated[int, typer.Option(
+        help="Threads per process (0: this machine's threads divided among the workers).")]
+        = 0,
+    chunk_lines: Annotated[int, typer.Option(
+        help="Lines per chunk: what a process translates at a time, sorted by length "
+        "together, and the unit of progress a rerun continues from.")] = 10_000,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Start again, whatever unfinished translation to --output is "
+        "there (a rerun of the same command continues it instead).")] = False,
 ) -> None:
-    """Translate a text file: exactly one output line per input line, in input order."""
+    """Translate a text file: exactly one output line per input line, in input order. A
+    translation to a file keeps its progress beside it (OUTPUT.parts/): the same command run
+    again after an interruption continues where it stopped."""
+    import dataclasses
+    import functools
+
     from traduire.translate import load_translator
+    from traduire.translate_chunks import torchrun_rank
     from traduire.translate_files import translate_file
 
-    translator = load_translator(run_dir, engine, engine_dir, checkpoint, device, precision)
+    launch = torchrun_rank()
+    if launch is not None and device == "auto":
+        import torch
+
+        if torch.cuda.is_available():  # one device per process
+            device = f"cuda:{launch[2] % torch.cuda.device_count()}"
+    if launch is not None:
+        from traduire import distributed
+
+        distributed.init("cuda" if device.startswith("cuda") else "cpu")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    load = functools.partial(load_translator, run_dir, engine, engine_dir, checkpoint, device,
+                             precision)
+    translator = load()
+    options = dataclasses.replace(options, chunk_lines=chunk_lines)
     stats = translate_file(translator, input, output, options, format=format,
-                           show_probs=show_probs, progress=not quiet, flag_below=flag_below)
-    say(f"translated {stats['sentences']:,} lines in {stats['seconds']:.1f}s "
-        f"({stats['sentences_per_s']:.1f} sentences/s, {stats['tokens_per_s']:.0f} tokens/s)")
+                           show_probs=show_probs, progress=not quiet, flag_below=flag_below,
+                           workers=workers, load=load, threads=threads, overwrite=overwrite,
+                           rank=launch[:2] if launch is not None else None)
+    if stats.get("rank", 0) == 0:
+        say(f"translated {stats['sentences']:,} lines in {stats['seconds']:.1f}s "
+            f"({stats['sentences_per_s']:.1f} sentences/s, "
+            f"{stats['tokens_per_s']:.0f} tokens/s)")
 
 
 @command

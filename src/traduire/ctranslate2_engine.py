@@ -45,6 +45,7 @@ class CTranslate2Engine:
                  compute_type: str) -> None:
         self.translator, self.tokenizer, self.compute_type = translator, tokenizer, compute_type
         self.max_positions = max_positions
+        self.model_file: Path | None = None  # the model.bin it loaded, where it did
         tok = tokenizer
         self.src_vocab = tok.src_pieces(list(range(tok.src_vocab_size)))
         self.tgt_ids = {p: i for i, p in enumerate(tok.tgt_pieces(range(tok.tgt_vocab_size)))}
@@ -72,7 +73,9 @@ class CTranslate2Engine:
         except (RuntimeError, ValueError) as error:
             raise TraduireError(f"{model_dir}: CTranslate2 cannot load this model ({error})"
                                 ) from None
-        return cls(translator, tokenizer, max_positions, COMPUTE_TYPES[precision])
+        engine = cls(translator, tokenizer, max_positions, COMPUTE_TYPES[precision])
+        engine.model_file = Path(model_dir) / "model.bin"
+        return engine
 
     def decode(self, src_ids: list[list[int]], options: SearchOptions,
                generator: torch.Generator | None = None) -> list[list[Hypothesis]]:

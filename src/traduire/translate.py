@@ -107,10 +107,17 @@ class Translator:
     and confidence always use `model`."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: Config,
-                 device: torch.device, checkpoint: Path, engine: SearchEngine | None = None
-                 ) -> None:
+                 device: torch.device, checkpoint: Path, engine: SearchEngine | None = None,
+                 precision: str = "fp32") -> None:
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, config
         self.device, self.checkpoint, self.engine = device, checkpoint, engine
+        self.precision = precision  # of the search: fp32, bf16, int8, or the engine's type
+
+    @property
+    def model_file(self) -> Path:
+        """The file whose weights the search computes with: the checkpoint, or the engine's
+        model."""
+        return getattr(self.engine, "model_file", None) or self.checkpoint
 
     @classmethod
     def load(cls, run_dir: str | Path, checkpoint: str | Path | None = None,
@@ -128,7 +135,7 @@ class Translator:
         tokenizer = Tokenizer.load(run_dir / "tokenizer")
         model, config = load_for_decoding(checkpoint, tokenizer, run_dir / "tokenizer",
                                           torch_device, precision)
-        return cls(model, tokenizer, config, torch_device, checkpoint)
+        return cls(model, tokenizer, config, torch_device, checkpoint, precision=precision)
 
     # --- the Python API ------------------------------------------------------------------------
 
@@ -244,6 +251,7 @@ def load_translator(run_dir: Path, engine: str = "torch", engine_dir: Path | Non
                                          base.model.shape.max_positions,
                                          device=resolve_device(device).type, precision=precision,
                                          threads=threads)
+    base.precision = f"ctranslate2 {base.engine.compute_type}"
     return base
 
 
