@@ -16,10 +16,12 @@ from conftest import small_settings, write_config, write_corpus
 from traduire import files
 from traduire.checkpoint import (
     FORMAT_VERSION,
+    CheckpointWriter,
     TrainState,
     average_checkpoints,
     average_last,
     check_vocabulary,
+    for_translation,
     load_checkpoint,
     load_latest,
     prune_checkpoints,
@@ -538,3 +540,90 @@ def test_resuming_with_another_tokenizer_is_refused(small_run, capitals_run, tmp
                                       f"vocabulary (fingerprint ")
     assert f"than {run_dir / 'tokenizer'} (" in str(info.value)
     assert (run_dir / "checkpoints" / "step_00000006.pt").read_bytes() == before
+
+
+# --- checkpoints written in the background; what best.pt holds -------------------------------
+
+
+def test_a_background_write_saves_the_state_of_its_step_and_one_write_waits_for_another(
+        tmp_path, monkeypatch):
+    import threading
+
+    from traduire import checkpoint
+
+    release, started, order = threading.Event(), threading.Event(), []
+    original = checkpoint.save_checkpoint
+
+    def slow_save(path, state):
+        order.append(f"start {path.name}")
+        started.set()
+        release.wait(10)
+        original(path, state)
+        order.append(f"end {path.name}")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", slow_save)
+    writer = CheckpointWriter()
+    state = sample_state(1)
+    expected = state["model"]["w"].clone()
+    writer.save(tmp_path / "step_00000001.pt", state,
+                then=lambda: order.append("then"))
+    assert started.wait(10)  # the write began and save() has returned before it ended
+    state["model"]["w"].add_(1.0)  # training goes on and changes the weights in place
+    threading.Timer(0.2, release.set).start()
+    writer.save(tmp_path / "step_00000002.pt", state)  # waits for the first write to end
+    writer.close()
+    assert order == ["start step_00000001.pt", "end step_00000001.pt", "then",
+                     "start step_00000002.pt", "end step_00000002.pt"]
+    assert torch.equal(load_checkpoint(tmp_path / "step_00000001.pt")["model"]["w"], expected)
+    assert torch.equal(load_checkpoint(tmp_path / "step_00000002.pt")["model"]["w"],
+                       expected + 1.0)
+    assert writer.pause_s >= 0 and writer.write_s > 0
+
+
+def test_a_background_write_that_fails_keeps_the_previous_checkpoint_and_is_raised(
+        tmp_path, monkeypatch):
+    path = tmp_path / "step_00000001.pt"
+    writer = CheckpointWriter()
+    writer.save(path, sample_state(1))
+    writer.wait()
+    before = path.read_bytes()
+
+    def failing_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "replace", failing_replace)
+    writer.save(path, sample_state(2))
+    with pytest.raises(OSError, match="No space left on device"):
+        writer.wait()
+    monkeypatch.undo()
+    writer.wait()  # raised once
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_best_pt_and_an_average_hold_what_translating_needs_and_no_optimizer(small_run):
+    _, run_dir = small_run
+    best = load_checkpoint(run_dir / "best.pt")
+    assert {"model", "config", "vocabulary", "train_state"} <= best.keys()
+    assert not {"optimizer", "scaler", "rng"} & best.keys()
+    periodic = load_checkpoint(step_checkpoints(run_dir / "checkpoints")[-1])
+    assert {"optimizer", "scaler", "rng"} <= periodic.keys()  # resuming needs them
+    assert for_translation(periodic).keys() == periodic.keys() - {"optimizer", "scaler", "rng"}
+
+
+def test_an_average_maps_its_checkpoints_and_reads_their_weights_only(tmp_path, monkeypatch):
+    from traduire import checkpoint
+
+    paths = []
+    for seed in (1, 2, 3):
+        paths.append(tmp_path / f"{seed}.pt")
+        save_checkpoint(paths[-1], sample_state(seed))
+    loads = []
+    original = torch.load
+    monkeypatch.setattr(checkpoint.torch, "load",
+                        lambda *a, **k: loads.append(k.get("mmap")) or original(*a, **k))
+    averaged = average_checkpoints(paths)
+    assert loads == [True, True, True]
+    expected = sum(sample_state(s)["model"]["w"] for s in (1, 2, 3)) / 3
+    torch.testing.assert_close(averaged["model"]["w"], expected)
+    assert not averaged["model"]["w"].is_shared()  # in memory, not a view of a mapped file

@@ -465,3 +465,35 @@ def test_two_nodes_with_run_directories_of_their_own_both_stop_within_the_bound(
     # Nothing was prepared, and nothing is left that would make the directory foreign.
     assert not (tmp_path / "node0" / "data").exists()
     assert [p.name for p in (tmp_path / "node0").iterdir()] == []
+
+
+def test_waiting_for_rank_0_lasts_while_its_heartbeat_goes_on_and_ends_when_it_stops(
+        tmp_path, monkeypatch):
+    import threading
+
+    from traduire import distributed
+    from traduire.errors import TraduireError
+
+    monkeypatch.setattr(distributed, "HEARTBEAT_S", 0.05)
+    status, waiting = tmp_path / "status.json", distributed.Context(1, 2)
+    # Rank 0 works for 8 times the stale bound, beating all along: the wait outlasts it.
+    work_done = threading.Event()
+
+    def rank_0() -> None:
+        with distributed._Heartbeat(status, "launch"):
+            time.sleep(2.0)
+        work_done.set()
+
+    threading.Thread(target=rank_0).start()
+    distributed._wait_for_main(status, "launch", waiting, print, stale=0.25)
+    assert work_done.wait(5) and json.loads(status.read_text())["state"] == "done"
+    # A rank 0 that stops beating (killed, its node gone) ends the wait within the bound.
+    distributed._write_status(status, "launch-2", "working", "", beat=7)
+    started = time.monotonic()
+    with pytest.raises(TraduireError, match="^rank 1: rank 0 stopped reporting: no word from "
+                                            "it in .* for 0 s"):
+        distributed._wait_for_main(status, "launch-2", waiting, print, stale=0.4)
+    assert time.monotonic() - started < 5
+    # So does one that never wrote a status for this launch.
+    with pytest.raises(TraduireError, match="rank 0 stopped reporting"):
+        distributed._wait_for_main(status, "launch-3", waiting, print, stale=0.4)
