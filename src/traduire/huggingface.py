@@ -215,7 +215,6 @@ def import_model(directory: str | Path, run_dir: str | Path) -> Path:
                             "a new or empty --run-dir")
 
     with _quiet(transformers):
-        transformers.utils.logging.disable_progress_bar()
         tokenizer = transformers.MarianTokenizer.from_pretrained(str(directory))
         # from_pretrained refuses pickled weights (pytorch_model.bin) unless torch loads them
         # with weights_only; safetensors are read as data.
@@ -287,7 +286,8 @@ def _write_run(out: Path, config: Config, model: Transformer, tok: Tokenizer,
 
 
 class _quiet:
-    """transformers' own warnings (sacremoses missing, and the like) kept off the console."""
+    """transformers' own warnings (sacremoses missing, and the like) and progress bars kept off
+    the console: traduire says in one line what it did."""
 
     def __init__(self, transformers) -> None:
         self.logging = transformers.utils.logging
@@ -296,7 +296,9 @@ class _quiet:
         import warnings
 
         self.level = self.logging.get_verbosity()
+        self.bars = self.logging.is_progress_bar_enabled()
         self.logging.set_verbosity_error()
+        self.logging.disable_progress_bar()
         self.warnings = warnings.catch_warnings()
         self.warnings.__enter__()
         warnings.simplefilter("ignore")
@@ -304,6 +306,8 @@ class _quiet:
     def __exit__(self, *exc) -> None:
         self.warnings.__exit__(*exc)
         self.logging.set_verbosity(self.level)
+        if self.bars:
+            self.logging.enable_progress_bar()
 
 
 # --- Export --------------------------------------------------------------------------------
