@@ -194,6 +194,7 @@ TINY_RUNS = {
     "first_step": ["--tiny", "--set", "train.threads=1"],
     "data_scale": ["--tiny", "--workers", "1"],
     "kernels_check": ["--tiny", "--threads", "1"],
+    "scale_run": ["--tiny"],
 }
 
 
@@ -374,3 +375,19 @@ def test_kernels_check_tiny_names_the_forms_timed_and_the_one_traduire_runs(tiny
     assert rows["top-k of 8,000"]["traduire_runs"] == "top_per_row"
     assert out.splitlines()[1].split() == ["path", "explicit_ms", "fused_ms", "traduire_runs",
                                            "choice_speed_up"]
+
+
+@tiny("scale_run")
+def test_scale_run_tiny_measures_start_up_memory_checkpoints_and_the_epoch_boundary(tiny_runs):
+    record, out, _ = output_of(tiny_runs, "scale_run")
+    assert record["world"] == 2 and record["cold_cache"] == "not dropped (--no-drop)"
+    assert finite(record["first_step_cold_s"]) and record["first_step_cold_s"] > 0
+    assert len(record["peak_rss_mib"]) == len(record["peak_pss_mib"]) == 2
+    assert all(0 < pss <= rss for pss, rss in zip(record["peak_pss_mib"],
+                                                  record["peak_rss_mib"]))
+    # A checkpoint at step 1 and at the end: each paused the loop, each was written.
+    assert len(record["checkpoint_pause_s"]) >= 2 and len(record["checkpoint_write_s"]) >= 2
+    # The resumed run crossed into the next epoch, and both ways of resuming were timed.
+    assert finite(record["boundary_vs_median"]) and record["epoch_batches"] > 2
+    assert all(finite(s) for s in record["resume_s"] + record["resume_each_reads_s"])
+    assert "boundary/median" in out

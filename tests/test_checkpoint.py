@@ -627,3 +627,15 @@ def test_an_average_maps_its_checkpoints_and_reads_their_weights_only(tmp_path, 
     expected = sum(sample_state(s)["model"]["w"] for s in (1, 2, 3)) / 3
     torch.testing.assert_close(averaged["model"]["w"], expected)
     assert not averaged["model"]["w"].is_shared()  # in memory, not a view of a mapped file
+
+
+def test_a_background_write_keeps_tied_weights_tied(tmp_path):
+    shared = torch.randn(5, 3)
+    state = {"model": {"encoder.embed": shared, "decoder.embed": shared.detach(),
+                       "output": shared.view(5, 3)}, "train_state": {"step": 1}}
+    writer = CheckpointWriter()
+    writer.save(tmp_path / "step_00000001.pt", state)
+    writer.close()
+    loaded = load_checkpoint(tmp_path / "step_00000001.pt")["model"]
+    assert len({t.data_ptr() for t in loaded.values()}) == 1
+    assert all(torch.equal(t, shared) for t in loaded.values())

@@ -181,6 +181,21 @@ class _TensorSlot:
     index: int
 
 
+def distinct_tensors(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """The tensors that are not views of the same data as one before them (tied embeddings
+    appear under several names), and for each tensor, the position of its distinct one: a
+    copy of the distinct ones keeps the ties, as torch.save does."""
+    seen: dict[tuple, int] = {}
+    distinct, where = [], []
+    for t in tensors:
+        key = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+        if key not in seen or t.numel() == 0:
+            seen[key] = len(distinct)
+            distinct.append(t)
+        where.append(seen[key])
+    return distinct, where
+
+
 class CheckpointWriter:
     """Writes checkpoints in a background thread, one at a time.
 
@@ -202,18 +217,19 @@ class CheckpointWriter:
         start = time.perf_counter()
         tensors: list[torch.Tensor] = []
         skeleton = split_tensors(state, tensors)
+        distinct, where = distinct_tensors(tensors)
         # One set of buffers per kind of state: a training checkpoint, a translation one.
-        kind = tuple((t.shape, t.dtype) for t in tensors)
+        kind = (tuple((t.shape, t.dtype) for t in distinct), tuple(where))
         if kind not in self._buffers:
-            pin = torch.cuda.is_available() and any(t.is_cuda for t in tensors)
+            pin = torch.cuda.is_available() and any(t.is_cuda for t in distinct)
             self._buffers[kind] = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-                                   for t in tensors]
+                                   for t in distinct]
         buffers = self._buffers[kind]
-        for buffer, tensor in zip(buffers, tensors):
+        for buffer, tensor in zip(buffers, distinct):
             buffer.copy_(tensor.detach(), non_blocking=True)
-        if any(t.is_cuda for t in tensors):
+        if any(t.is_cuda for t in distinct):
             torch.cuda.synchronize()  # the copies are complete before training goes on
-        copy = join_tensors(skeleton, buffers)
+        copy = join_tensors(skeleton, [buffers[i] for i in where])
         self.pause_s = time.perf_counter() - start
 
         def write() -> None:

@@ -145,18 +145,21 @@ def broadcast_state(state: Any) -> Any:
     holds a second serialised copy."""
     if not _active():
         return state
-    from traduire.checkpoint import join_tensors, split_tensors
+    from traduire.checkpoint import distinct_tensors, join_tensors, split_tensors
 
     tensors: list[torch.Tensor] = []
     skeleton = split_tensors(state, tensors) if dist.get_rank() == 0 else None
+    tensors, where = distinct_tensors(tensors)  # tied weights travel once, and stay tied
     shapes = [(t.shape, t.dtype) for t in tensors]
-    skeleton, shapes = broadcast_object((skeleton, shapes))
+    skeleton, shapes, where = broadcast_object((skeleton, shapes, where))
     if dist.get_rank() != 0:
         tensors = [torch.empty(shape, dtype=dtype) for shape, dtype in shapes]
-    for tensor in tensors:
+    for i, tensor in enumerate(tensors):
         if tensor.numel():
-            dist.broadcast(tensor.contiguous(), src=0, group=_control_group)
-    return join_tensors(skeleton, tensors)
+            if not tensor.is_contiguous():
+                tensors[i] = tensor = tensor.contiguous()
+            dist.broadcast(tensor, src=0, group=_control_group)
+    return join_tensors(skeleton, [tensors[i] for i in where])
 
 
 def check_same(value: str, what: str) -> None:
