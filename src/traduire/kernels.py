@@ -61,11 +61,14 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     On CPU, torch's dropout draws one random number per element (bernoulli_), which took a
     fifth of a bf16 training step of the Multi30k model (torch 2.13, Xeon with AMX). Here each
     64-bit draw is cut into four 15-bit numbers, one per element: the same Bernoulli mask from
-    a quarter of the draws (bf16 training +13%, fp32 +5-8%). Elsewhere this is torch's dropout.
+    a quarter of the draws (bf16 training +13%, fp32 +5-8%). Elsewhere, and in a compiled
+    model, this is torch's dropout.
     """
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or p >= 1.0:
+    # torch.compile cannot trace random_ (in place): a compiled model takes torch's dropout,
+    # which it fuses into the neighbouring kernels anyway.
+    if x.device.type != "cpu" or p >= 1.0 or torch.compiler.is_compiling():
         return F.dropout(x, p, training=True)
     count = x.numel()
     draws = torch.empty((count + 3) // 4, dtype=torch.int64).random_()
