@@ -3,6 +3,7 @@
     python scripts/bench/compare.py                     # training and decoding speed (~40 min)
     python scripts/bench/compare.py --budget 30m        # + quality after 30 equal minutes each
     python scripts/bench/compare.py --dry-run           # (or --tiny) a toy corpus and model
+    python scripts/bench/compare.py --no-training --run-dir runs/m30k   # decoding a trained run
 
 Every figure is a ratio of runs made here, alternately (A B A B ..., medians), on the same
 data, SentencePiece settings, model shape, batch and beam, and measured the same way for
@@ -16,8 +17,10 @@ every system:
   decoding   beam 5 on test_2016_flickr, batches of 64 sentences and of 4,000 tokens, each
              figure a fresh process's first pass with the model loaded and no warm-up pass,
              as fairseq-generate measures itself (its own "sentences/s"):
-             traduire in fp32, its best native precision and int8; fairseq-generate;
-             CTranslate2 fp32 and int8 on traduire's export (`traduire export`)
+             traduire in fp32, its best native precision and int8, and at its best
+             precision as --threads processes of one thread each (translate --workers, a
+             share of the file each); fairseq-generate; CTranslate2 fp32 and int8 on
+             traduire's export (`traduire export`)
   quality    with --budget: traduire (the shipped config) and fairseq (the same schedule)
              trained for the same wall clock, then BLEU/chrF (sacreBLEU defaults) of beam 5
              on test_2016_flickr and test_2017_flickr (traduire at its automatic precision,
@@ -204,14 +207,17 @@ class Traduire:
         return out
 
     def decode(self, run_dir: Path, precision: str, batch: str, engine: str = "torch",
-               engine_dir: Path | None = None) -> float:
+               engine_dir: Path | None = None, workers: int = 1) -> float:
         """Sentences/s of beam 5 on test_2016 at one batching (64 sentences, or 'tokens': 4,000
-        tokens), in a fresh process without a warm-up pass, as fairseq-generate is timed."""
+        tokens), in a fresh process without a warm-up pass, as fairseq-generate is timed.
+        With `workers`, that many processes translate a share each, the threads split among
+        them (timed once each has loaded the model)."""
         where = ["--engine-dir", str(engine_dir)] if engine_dir else []
         output = run([sys.executable, str(HERE / "decode_speed.py"), "--run-dir", str(run_dir),
                       "--engine", engine, *where, "--precisions", precision, "--beams", "5",
                       "--batches", batch, "--repeats", "1", "--warmup-passes", "0",
-                      "--threads", str(self.threads),
+                      "--threads", str(max(1, self.threads // workers)),
+                      "--workers", str(workers),
                       "--src", str(self.data / f"{TESTS[0]}.en")]).stdout
         return last_json(output)["rows"][0]["sentences_per_s"]
 
@@ -374,6 +380,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--peers", type=Path, default=os.environ.get("PEERS_DIR"),
                         help="folder given to the fairseq peer's setup.sh")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--run-dir", type=Path, help="decode this trained traduire run "
+                        "(instead of the one --budget trains in the work directory)")
+    parser.add_argument("--no-training", action="store_true", help="skip the training-speed "
+                        "figures (decoding and quality only)")
     parser.add_argument("--dry-run", "--tiny", dest="dry_run", action="store_true",
                         help="a toy corpus and model, no fairseq: checks that everything "
                         "runs, in a minute")
@@ -428,13 +438,15 @@ def measure(args: argparse.Namespace, result: dict[str, Any], traduire: Traduire
         measures["fairseq fp32"] = lambda a: fairseq.throughput(steps, warmup * 2 ** a,
                                                                 config.train.warmup_steps)
     longer = ", with twice the warm-up"
-    training = steady(measures, args.rounds, args.retries, dict.fromkeys(measures, longer),
-                      notes)
-    result["training_tgt_tok_per_s"] = {k: median_of(v) for k, v in training.items()}
-    result["training_runs"] = training
+    if not args.no_training:
+        training = steady(measures, args.rounds, args.retries,
+                          dict.fromkeys(measures, longer), notes)
+        result["training_tgt_tok_per_s"] = {k: median_of(v) for k, v in training.items()}
+        result["training_runs"] = training
 
     # Quality after equal wall clock: the models to decode with.
-    run_dir = traduire.train(args.budget) if args.budget else traduire.work / "quality"
+    run_dir = (args.run_dir.resolve() if args.run_dir
+               else traduire.train(args.budget) if args.budget else traduire.work / "quality")
     fairseq_ckpt = None
     if args.budget and fairseq is not None:
         fairseq_ckpt, result["fairseq_steps"] = fairseq.train(
@@ -454,6 +466,11 @@ def measure(args: argparse.Namespace, result: dict[str, Any], traduire: Traduire
     precisions = ["fp32"] if args.dry_run else list(dict.fromkeys(["fp32", best, "int8"]))
     measures = {f"traduire {p}": (lambda a, p=p: {
         batch: traduire.decode(run_dir, p, batch) for batch in BATCHINGS}) for p in precisions}
+    if args.threads > 1:  # the same threads, as processes of one thread (translate --workers)
+        wide = best if best in precisions else precisions[0]
+        measures[f"traduire {wide} --workers {args.threads}"] = lambda a: {
+            batch: traduire.decode(run_dir, wide, batch, workers=args.threads)
+            for batch in BATCHINGS}
     if importlib.util.find_spec("ctranslate2") is None:
         print("ctranslate2: not installed (pip install 'traduire[ctranslate2]'); skipped",
               file=sys.stderr)

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,6 +53,42 @@ def decode_all(translator: Translator, lines: list[str], options: DecodeOptions
     for result in translator.translate_lines(lines, options):
         tokens += len(result.hypotheses[0].tokens) + 1 if result.hypotheses else 0
     return time.perf_counter() - start, tokens
+
+
+def _parallel_worker(run_dir: Path, engine: str, engine_dir: Path | None,
+                     checkpoint: Path | None, precision: str, threads: int, lines: list[str],
+                     options: DecodeOptions, ready: Any, results: Any) -> None:
+    """One process of decode_parallel: load the model, wait for the others, translate."""
+    torch.set_num_threads(threads)
+    translator = load_translator(run_dir, engine=engine, engine_dir=engine_dir,
+                                 checkpoint=checkpoint, device="cpu", precision=precision)
+    ready.wait()
+    start = time.perf_counter()
+    _, tokens = decode_all(translator, lines, options)
+    results.put((start, time.perf_counter(), tokens))
+
+
+def decode_parallel(args: argparse.Namespace, precision: str, lines: list[str],
+                    options: DecodeOptions) -> tuple[float, int]:
+    """Seconds and target tokens of `args.workers` processes translating a share of `lines`
+    each (consecutive, as translate's chunks), `args.threads` threads each: from when every
+    process has loaded its model to when the last one is done, as one process's figure is
+    timed with its model loaded."""
+    context = multiprocessing.get_context("spawn")
+    ready, results = context.Barrier(args.workers), context.Queue()
+    share = -(-len(lines) // args.workers)
+    processes = [context.Process(target=_parallel_worker, args=(
+        args.run_dir, args.engine, args.engine_dir,
+        args.checkpoint if args.engine == "torch" else None, precision, args.threads,
+        lines[i * share:(i + 1) * share], options, ready, results))
+        for i in range(args.workers)]
+    for process in processes:
+        process.start()
+    spans = [results.get() for _ in processes]
+    for process in processes:
+        process.join()
+    return (max(end for _, end, _ in spans) - min(start for start, _, _ in spans),
+            sum(tokens for _, _, tokens in spans))
 
 
 def train_tiny(root: Path, threads: int) -> tuple[Path, Path]:
@@ -92,6 +130,11 @@ def main() -> None:
                         help="untimed passes over the file per precision first (0: cold)")
     parser.add_argument("--limit-batch1", type=int, default=200,
                         help="sentences for batch size 1 (slow); 0 = all")
+    parser.add_argument("--workers", type=int, default=1, help="processes translating a "
+                        "share of the file each, --threads threads each (a fresh process "
+                        "per timed run, timed once all have loaded the model)")
+    parser.add_argument("--lines", type=int, default=0, help="the first N lines of --src "
+                        "(0: all), repeated as needed to make N")
     parser.add_argument("--tiny", action="store_true", help="train a toy model in a temporary "
                         "directory and time it, beam 5, batches of 16 and by tokens")
     args = parser.parse_args()
@@ -106,6 +149,8 @@ def main() -> None:
     elif args.run_dir is None:
         parser.error("--run-dir is required (or --tiny)")
     lines = read_text(args.src)
+    if args.lines:
+        lines = (lines * -(-args.lines // len(lines)))[:args.lines]
     rows = []
     checkpoint = None
     for precision in args.precisions.split(","):
@@ -125,10 +170,13 @@ def main() -> None:
                 subset = lines[:args.limit_batch1] if size == 1 and args.limit_batch1 else lines
                 options = DecodeOptions(beam=beam, batch_size=size,
                                         batch_tokens=args.batch_tokens if by_tokens else 10**9)
-                timings = [decode_all(translator, subset, options) for _ in range(args.repeats)]
+                timings = [decode_all(translator, subset, options) if args.workers == 1
+                           else decode_parallel(args, precision, subset, options)
+                           for _ in range(args.repeats)]
                 seconds = statistics.median(t for t, _ in timings)
                 tokens = timings[0][1]
-                rows.append({"engine": args.engine, "precision": precision, "beam": beam,
+                rows.append({"engine": args.engine, "precision": precision,
+                             "workers": args.workers, "beam": beam,
                              "batch": batch, "sentences": len(subset), "seconds": round(seconds, 2),
                              "sentences_per_s": round(len(subset) / seconds, 1),
                              "target_tokens_per_s": round(tokens / seconds, 1),
@@ -138,7 +186,8 @@ def main() -> None:
               "checkpoint": str(checkpoint), "warmup_passes": args.warmup_passes,
               "rows": rows, "peak_rss_mib": peak_rss_mib(), **machine()}
     print(json.dumps(result))
-    print_table(rows, ["engine", "precision", "beam", "batch", "sentences", "seconds",
+    print_table(rows, ["engine", "precision", "workers", "beam", "batch", "sentences",
+                       "seconds",
                        "sentences_per_s", "target_tokens_per_s", "first_pass_s"])
     print(f"peak RSS {result['peak_rss_mib']:,.0f} MiB; torch {result['torch']}, "
           f"{result['threads']} threads, {result['cpu']}; checkpoint {checkpoint.name}; "
