@@ -7,7 +7,9 @@
 #
 # What it does:
 #   1. prints nvidia-smi and the torch / CUDA / cuDNN / NCCL versions;
-#   2. runs the CUDA unit tests (tests/test_cuda.py) and the model and search tests;
+#   2. runs the CUDA unit tests (tests/test_cuda.py) and the model and search tests, then
+#      (unless BENCH=0) scripts/gpu_bench.py: Transformer-base/big and the Multi30k model,
+#      eager and compiled, on a synthetic corpus (about 8 minutes; its table goes to the log);
 #   3. trains configs/multi30k-en-fr.yaml in bf16 for TRAIN_TIME under a one-process
 #      torchrun with NCCL (batch_tokens BATCH_TOKENS), then, unless TRAIN2_TIME=0, a second
 #      shorter run with batch_tokens BATCH_TOKENS2 for comparison (it reuses the first run's
@@ -23,6 +25,7 @@
 #   TRAIN2_TIME   wall clock of the comparison run, 0 = skip  [1m]
 #   BATCH_TOKENS2 tokens per step of the comparison run       [4096]
 #   EVAL          1: translate test_2016_flickr and score BLEU [1]
+#   BENCH         1: run scripts/gpu_bench.py (BENCH_PART: training, loss, attention, all) [1]
 #   PYTHON        interpreter                                 [python3]
 #
 # Installs nothing, except that wheels found in .whl/ (e.g. datasets for a machine without
@@ -40,6 +43,8 @@ BATCH_TOKENS=${BATCH_TOKENS:-16384}
 TRAIN2_TIME=${TRAIN2_TIME:-1m}
 BATCH_TOKENS2=${BATCH_TOKENS2:-4096}
 EVAL=${EVAL:-1}
+BENCH=${BENCH:-1}
+BENCH_PART=${BENCH_PART:-all}
 export PYTHONUNBUFFERED=1
 export COLUMNS=${COLUMNS:-160}  # rich wraps log lines at 80 columns when not on a terminal
 
@@ -97,6 +102,11 @@ section "2. unit tests on CUDA"
 tests=(tests/test_cuda.py)
 for t in tests/test_model.py tests/test_search.py; do [ -f "$t" ] && tests+=("$t"); done
 step "pytest" timeout 600 "$PYTHON" -m pytest -q -rfEsP -p no:cacheprovider "${tests[@]}"
+
+if [ "$BENCH" = "1" ]; then
+    section "2b. scripts/gpu_bench.py --part $BENCH_PART (synthetic corpus, bf16)"
+    step "gpu_bench" timeout -k 30 660 "$PYTHON" scripts/gpu_bench.py --part "$BENCH_PART"
+fi
 
 # --- training ------------------------------------------------------------------------------
 seconds() { "$PYTHON" -c "from traduire.config import parse_duration as p; print(int(p('$1')))"; }

@@ -195,7 +195,12 @@ TINY_RUNS = {
     "data_scale": ["--tiny", "--workers", "1"],
     "kernels_check": ["--tiny", "--threads", "1"],
     "scale_run": ["--tiny"],
+    "loss_memory": ["--tiny", "--threads", "1"],
+    "aten_calls": ["--tiny", "--threads", "1"],
+    # The one-call GPU benchmark (in scripts/, not scripts/bench/), tiny shapes on the CPU.
+    "gpu_bench": ["--dry-run", "--models", "multi30k"],
 }
+SCRIPT_DIRS = {"gpu_bench": ROOT / "scripts"}  # the others are in BENCH
 
 
 def tiny(script: str):
@@ -209,7 +214,8 @@ def tiny(script: str):
 def run_script(script: str, tmp: Path) -> subprocess.CompletedProcess:
     args = [a.replace("{tmp}", str(tmp)) for a in TINY_RUNS[script]]
     env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(BENCH / f"{script}.py"), *args], cwd=ROOT,
+    path = SCRIPT_DIRS.get(script, BENCH) / f"{script}.py"
+    return subprocess.run([sys.executable, str(path), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -391,3 +397,50 @@ def test_scale_run_tiny_measures_start_up_memory_checkpoints_and_the_epoch_bound
     assert finite(record["boundary_vs_median"]) and record["epoch_batches"] > 2
     assert all(finite(s) for s in record["resume_s"] + record["resume_each_reads_s"])
     assert "boundary/median" in out
+
+
+@tiny("loss_memory")
+def test_loss_memory_tiny_measures_each_form_in_a_process_of_its_own(tiny_runs):
+    record, out, _ = output_of(tiny_runs, "loss_memory")
+    forms = {r["form"]: r for r in record["rows"]}
+    assert list(forms) == ["fp32_copy", "sliced", "sliced_new"]
+    for r in forms.values():
+        assert (r["tokens"], r["vocab"], r["label_smoothing"]) == (2000, 4000, 0.1)
+        assert finite(r["above_logits_mib"]) and r["peak_mib"] >= r["rss_before_mib"]
+    # As the training step calls it, the gradient is written over the logits.
+    assert forms["sliced"]["grad_is_logits"] and not forms["fp32_copy"]["grad_is_logits"]
+    # The same loss from each form, up to the random logits of each process.
+    assert forms["sliced"]["loss"] == pytest.approx(forms["fp32_copy"]["loss"], rel=0.02)
+    assert "peak resident memory of the loss's forward and backward above the logits" in out
+
+
+@tiny("aten_calls")
+def test_aten_calls_tiny_counts_eager_and_compiled_steps(tiny_runs):
+    record, out, _ = output_of(tiny_runs, "aten_calls")
+    assert [r["mode"] for r in record["rows"]] == ["eager", "compiled"]
+    for r in record["rows"]:
+        assert r["steps"] == 1 and r["aten"] >= r["top"] > 0 and r["casts"] >= 0
+    assert "compiled / eager:" in out and record["tiny"] is True
+
+
+@tiny("gpu_bench")
+def test_gpu_bench_dry_run_prints_every_part_with_its_figures(tiny_runs):
+    record, out, _ = output_of(tiny_runs, "gpu_bench")
+    assert record["dry_run"] is True and record["device"] == "cpu (dry run)"
+    rows = record["training"]["rows"]
+    assert [(r["model"], r["mode"]) for r in rows] == [("multi30k", "compiled"),
+                                                       ("multi30k", "eager")]
+    for r in rows:
+        assert "error" not in r, r
+        for key in ("tgt_tok_per_s", "step_ms", "tgt_tokens_per_step", "warmup_s", "loss"):
+            assert finite(r[key]) and r[key] > 0, (key, r)
+        assert r["mfu"] is None and r["peak_mem_gib"] is None  # no GPU: no peak, no memory
+    compiled, eager = rows
+    # One compilation takes every batch shape; the eager model compiles nothing.
+    assert compiled["compilations"] == 1 and eager["compilations"] == 0
+    assert [r["form"] for r in record["loss"]["rows"]] == ["fp32_copy", "sliced"]
+    losses = [r["loss"] for r in record["loss"]["rows"]]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-2)
+    assert [r["mask"] for r in record["attention"]["rows"]] == ["additive", "boolean", "none"]
+    for part in ("training", "loss", "attention"):
+        assert f"== {part} (cpu (dry run)" in out
