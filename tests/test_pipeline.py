@@ -394,3 +394,18 @@ def test_a_run_encoded_in_the_older_layout_is_converted_once_and_trains_on(
             for p in sorted((first_run / "encoded" / "train").iterdir())} == new
     run(load_config(tiny_config_path, ["train.max_steps=13"]), first_run)
     assert "converting" not in capsys.readouterr().err  # once
+
+
+def test_the_files_of_a_launch_do_not_make_a_new_directory_foreign(tmp_path):
+    from traduire.pipeline import claim_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # What rank 0 writes before run.json: the start-up token, the heartbeat and its
+    # temporary file, caught half-way.
+    for name in (".launch", ".launch-status.json", "..launch-status.json.x1y2.tmp"):
+        (run_dir / name).write_text("{}")
+    claim_run_dir(run_dir)
+    (run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(TraduireError, match=r"it holds notes.txt\)"):
+        claim_run_dir(run_dir)

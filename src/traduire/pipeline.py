@@ -314,7 +314,7 @@ def claim_run_dir(run_dir: Path) -> None:
         return
     try:
         entries = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir()
-                         if p.name not in LAUNCH_FILES)
+                         if not _launch_file(p.name))
     except OSError as e:
         raise TraduireError(f"{run_dir}: cannot read it ({e.strerror})") from None
     if entries:
@@ -322,6 +322,13 @@ def claim_run_dir(run_dir: Path) -> None:
                                           if len(entries) > 5 else "")
         raise TraduireError(f"{run_dir}: not a traduire run directory (it holds {shown}); "
                             "nothing was written. Choose a new or empty --run-dir")
+
+
+def _launch_file(name: str) -> bool:
+    """One of LAUNCH_FILES, or the temporary file it is being written as (files.atomic_open:
+    rank 0's heartbeat writes while its stages check the directory)."""
+    return name in LAUNCH_FILES or any(name.startswith(f".{f}.") and name.endswith(".tmp")
+                                       for f in LAUNCH_FILES)
 
 
 def check_run_dir(run_dir: Path, config: Config, overwrite: bool,
