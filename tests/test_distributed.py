@@ -497,3 +497,43 @@ def test_waiting_for_rank_0_lasts_while_its_heartbeat_goes_on_and_ends_when_it_s
     # So does one that never wrote a status for this launch.
     with pytest.raises(TraduireError, match="rank 0 stopped reporting"):
         distributed._wait_for_main(status, "launch-3", waiting, print, stale=0.4)
+
+
+# --- DDP's settings and the stop agreement, in one process -------------------------------------
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of one rank in this process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_broadcasts_no_buffers_and_keeps_gradients_in_its_buckets(one_rank_group):
+    from traduire import distributed
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    ddp = distributed.data_parallel(model, "bf16")
+    assert ddp.gradient_as_bucket_view
+    assert not (getattr(ddp, "forward_sync_buffers", None) or ddp.broadcast_buffers)
+    # gloo: no bf16 hook, whatever grad_reduce says; the gradients are summed as they are.
+    assert not distributed.bf16_reduce_supported() and not ddp._comm_hooks
+    x = torch.randn(3, 4)
+    ddp(x).square().sum().backward()
+    expected = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+    for p, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, want)
+
+
+def test_the_stop_agreement_is_the_maximum_over_the_ranks_read_later(one_rank_group):
+    from traduire import distributed
+
+    pending = distributed.Agreement([0, 15])
+    assert pending.result() == [0, 15]
+    assert distributed.Agreement([1, 0]).result() == [1, 0]
