@@ -15,6 +15,11 @@ when freed, so resident memory follows the tensors alive. Forms:
     python scripts/bench/loss_memory.py                    # 25,000 tokens x 32,000 vocabulary
     python scripts/bench/loss_memory.py --forms sliced --tokens 8000
     python scripts/bench/loss_memory.py --tiny             # seconds, for the tests
+    python scripts/bench/loss_memory.py --time --tokens 4096 --vocab 8000 --threads 2
+
+--time times the forward and backward of each form instead, in one process, the forms
+alternating round after round (the median of --rounds), at the Multi30k model's shape above:
+what a CPU training step spends on its loss.
 """
 
 from __future__ import annotations
@@ -63,6 +68,34 @@ def measure(form: str, tokens: int, vocab: int, smoothing: float) -> dict[str, o
             "loss": round(loss.item(), 1), "seconds": round(seconds, 2)}
 
 
+def time_forms(forms: list[str], tokens: int, vocab: int, smoothing: float,
+               rounds: int) -> dict[str, float]:
+    """Median milliseconds of each form's forward and backward, the forms alternating."""
+    import statistics
+
+    from traduire.loss import token_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.randn(tokens, vocab, generator=gen) * 3).bfloat16()
+    targets = torch.randint(1, vocab, (tokens,), generator=gen)
+    targets[::10] = PAD
+    times: dict[str, list[float]] = {form: [] for form in forms}
+    for round_ in range(rounds + 2):  # two warm-up rounds
+        for form in forms:
+            logits = base.clone().requires_grad_()
+            started = time.perf_counter()
+            if form == "fp32_copy":
+                loss = F.cross_entropy(logits.float(), targets, ignore_index=PAD,
+                                       reduction="sum", label_smoothing=smoothing)
+            else:
+                loss = token_cross_entropy(logits[None], targets[None], PAD, smoothing,
+                                           reuse_logits=form == "sliced")
+            torch.autograd.grad(loss, logits)
+            if round_ >= 2:
+                times[form].append((time.perf_counter() - started) * 1000)
+    return {form: round(statistics.median(t), 2) for form, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,12 +105,26 @@ def main() -> None:
     parser.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS))
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="2,000 tokens x 4,000 vocabulary")
+    parser.add_argument("--time", action="store_true", help="time the forms instead")
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--child", choices=FORMS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tiny:
         args.tokens, args.vocab = 2_000, 4_000
+    if args.time:
+        ms = time_forms(args.forms, args.tokens, args.vocab, args.label_smoothing, args.rounds)
+        print(f"forward + backward of the loss, {args.tokens:,} tokens x {args.vocab:,} "
+              f"vocabulary, bf16 logits, median of {args.rounds} alternating rounds:")
+        for form, value in ms.items():
+            print(f"  {form:<11} {value:>9.2f} ms  ({ms[args.forms[0]] / value:.2f}x "
+                  f"{args.forms[0]})")
+        print(f"{cpu_model()} ({', '.join(cpu_flags())}), torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads")
+        print(json.dumps({"ms": ms, "tokens": args.tokens, "vocab": args.vocab,
+                          "cpu": cpu_model(), "isa": cpu_flags()}))
+        return
     if args.child:
         print(json.dumps(measure(args.child, args.tokens, args.vocab, args.label_smoothing)))
         return
