@@ -45,9 +45,10 @@ def test_value_and_gradient_equal_torch_cross_entropy(smoothing, reuse, slice_el
     monkeypatch.setattr(loss_module, "SLICE_ELEMENTS", slice_elements)
     for seed in range(3):
         logits, targets = random_batch(seed)
-        want, want_grad = value_and_grad(lambda x: reference(x, targets, smoothing), logits)
+        want, want_grad = value_and_grad(
+            lambda x, t=targets: reference(x, t, smoothing), logits)
         got, got_grad = value_and_grad(
-            lambda x: token_cross_entropy(x, targets, PAD, smoothing, reuse_logits=reuse),
+            lambda x, t=targets: token_cross_entropy(x, t, PAD, smoothing, reuse_logits=reuse),
             logits)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
