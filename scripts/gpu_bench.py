@@ -109,42 +109,53 @@ def model_config(model: str, shapes: Shapes, device: str, compiled: bool, batch_
     return replace(config, model=model_keys, train=train), vocab
 
 
-def train_row(model: str, batch_tokens: int, mode: str, shapes: Shapes,
-              device: torch.device) -> dict[str, Any]:
-    """Time traduire's training step for one row; its figures."""
+def trainer_for(model: str, mode: str, shapes: Shapes, device: torch.device,
+                trainers: dict) -> SimpleNamespace:
+    """The trainer of (model, mode), made at its first row and kept for its other budgets: a
+    compiled model is compiled once, and a row that compiled again would show it."""
     from traduire.training import Trainer
 
+    if (model, mode) not in trainers:
+        config, vocab = model_config(model, shapes, device.type, mode == "compiled",
+                                     max(shapes.tokens))
+        tokens = max([*shapes.tokens, 4096]) * (shapes.warmup + shapes.steps + 2)
+        data = synthetic_corpus(model, vocab, tokens)
+        run_dir = tempfile.TemporaryDirectory()
+        # The training data serve as validation data too: no step of a row validates.
+        trainer = Trainer(config, Path(run_dir.name), stub_tokenizer(vocab), data, data)
+        trainers[model, mode] = SimpleNamespace(trainer=trainer, data=data, config=config,
+                                                run_dir=run_dir, flops=ModelFlops(trainer.model))
+    return trainers[model, mode]
+
+
+def train_row(model: str, batch_tokens: int, mode: str, shapes: Shapes,
+              device: torch.device, trainers: dict) -> dict[str, Any]:
+    """Time traduire's training step for one row; its figures."""
     compiled = mode == "compiled"
-    config, vocab = model_config(model, shapes, device.type, compiled, batch_tokens)
-    steps_needed = shapes.warmup + shapes.steps
-    data = synthetic_corpus(model, vocab, batch_tokens * (steps_needed + 2))
-    torch._dynamo.reset()
     graphs_before = _graphs_compiled()
-    with tempfile.TemporaryDirectory() as run_dir:
-        # The training data serve as validation data too: no step of the row validates.
-        trainer = Trainer(config, Path(run_dir), stub_tokenizer(vocab), data, data)
-        plan = StepPlan(batch_tokens=batch_tokens, seed=1, pad=PAD, bos=BOS, eos=EOS)
-        stream = training_steps(data, plan)
-        if compiled and config.train.compile_multiple > 1:  # as Trainer.train does
-            stream = rounded_steps(stream, config.train.compile_multiple, PAD)
-        planned = [next(stream) for _ in range(steps_needed)]
-        flops = ModelFlops(trainer.model)
-        _sync(device)
-        started = time.perf_counter()
-        for step in planned[:shapes.warmup]:  # compilation and the allocator's first steps
-            trainer._train_step(step.parts, int(step.tgt_lengths.sum()))
-        _sync(device)
-        warmup_s = time.perf_counter() - started
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        timed = planned[shapes.warmup:]
-        started = time.perf_counter()
-        for step in timed:
-            loss = trainer._train_step(step.parts, int(step.tgt_lengths.sum()))
-        _sync(device)
-        seconds = time.perf_counter() - started
-        final_loss = float(loss.item())
-        del trainer
+    kept = trainer_for(model, mode, shapes, device, trainers)
+    trainer, data, config, flops = kept.trainer, kept.data, kept.config, kept.flops
+    steps_needed = shapes.warmup + shapes.steps
+    plan = StepPlan(batch_tokens=batch_tokens, seed=1, pad=PAD, bos=BOS, eos=EOS)
+    stream = training_steps(data, plan)
+    if compiled and config.train.compile_multiple > 1:  # as Trainer.train does
+        stream = rounded_steps(stream, config.train.compile_multiple, PAD)
+    planned = [next(stream) for _ in range(steps_needed)]
+    _sync(device)
+    started = time.perf_counter()
+    for step in planned[:shapes.warmup]:  # compilation and the allocator's first steps
+        trainer._train_step(step.parts, int(step.tgt_lengths.sum()))
+    _sync(device)
+    warmup_s = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = planned[shapes.warmup:]
+    started = time.perf_counter()
+    for step in timed:
+        loss = trainer._train_step(step.parts, int(step.tgt_lengths.sum()))
+    _sync(device)
+    seconds = time.perf_counter() - started
+    final_loss = float(loss.item())
     tgt = sum(int(s.tgt_lengths.sum()) for s in timed)
     src = sum(int(s.src_lengths.sum()) for s in timed)
     model_flops = sum(flops(s.src_lengths, s.tgt_lengths) for s in timed)
@@ -158,9 +169,6 @@ def train_row(model: str, batch_tokens: int, mode: str, shapes: Shapes,
            "peak_mem_gib": _peak_memory_gib(device), "compilations": _graphs_compiled()
            - graphs_before if compiled else 0, "warmup_s": round(warmup_s, 1),
            "loss": round(final_loss / max(tgt / len(timed), 1), 3)}
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -255,12 +263,19 @@ def run_training(shapes: Shapes, device: torch.device, deadline: float) -> dict[
     if "multi30k" in shapes.models and not shapes.dry_run:
         plan += [("multi30k", 4096, mode) for mode in shapes.modes]
     plan = list(dict.fromkeys(plan))
+    trainers: dict = {}
     for model, tokens, mode in plan:
+        if trainers and model not in {m for m, _ in trainers}:  # the last model's are done
+            trainers.clear()
+            torch._dynamo.reset()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         if time.monotonic() > deadline:
             skipped.append(f"{model} {tokens} {mode}")
             continue
         try:
-            row = train_row(model, tokens, mode, shapes, device)
+            row = train_row(model, tokens, mode, shapes, device, trainers)
         except torch.OutOfMemoryError as e:  # a row that does not fit is a finding, not a crash
             row = {"model": model, "batch_tokens": tokens, "mode": mode,
                    "error": f"out of memory: {str(e).splitlines()[0]}"}
