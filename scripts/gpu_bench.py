@@ -14,6 +14,9 @@ Parts (--part, default all):
   loss      peak memory of the loss's forward and backward above bf16 logits of 25,000 tokens x
             32,000 (what the step feeds it), the sliced loss against F.cross_entropy of the
             logits in fp32
+  decoding  beam 5 on 3,000 synthetic sentences of WMT length, Transformer-base and -big:
+            traduire bf16 against CTranslate2 (bfloat16, float16, int8_float16) on the same
+            GPU with traduire's export of the same weights; sentences/s and target tokens/s
   attention encoder self-attention of Transformer-base, forward and backward through SDPA, with
             the padding as traduire's additive mask, as a boolean mask (traduire's earlier
             form) and, for scale, without padding at all (the flash kernel's case)
@@ -25,6 +28,7 @@ Rows that do not fit the time budget (--budget-s) are listed as skipped, not run
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -286,8 +290,107 @@ def run_training(shapes: Shapes, device: torch.device, deadline: float) -> dict[
     return {"rows": rows, "skipped": skipped}
 
 
+def synthetic_sources(count: int, vocab: int, seed: int = 1) -> list[list[int]]:
+    """`count` source sentences of WMT length (LENGTHS["base"]), random ids, without EOS."""
+    median, sigma = LENGTHS["base"]
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(math.log(median), sigma, count), 1, 200).astype(np.int64)
+    return [rng.integers(4, vocab, n).tolist() for n in lengths]
+
+
+def stub_pieces(vocab: int) -> SimpleNamespace:
+    """A tokenizer stand-in for the search and the CTranslate2 export: ids and made-up pieces."""
+    pieces = ["<pad>", "<unk>", "<s>", "</s>", *(f"w{i}" for i in range(4, vocab))]
+    return SimpleNamespace(**vars(stub_tokenizer(vocab)),
+                           src=SimpleNamespace(id_to_piece=lambda i: pieces[i]),
+                           src_pieces=lambda ids: [pieces[i] for i in ids],
+                           tgt_pieces=lambda ids: [pieces[i] for i in ids])
+
+
+def decoding_rows(shapes: Shapes, device: torch.device, deadline: float) -> dict[str, Any]:
+    """Beam 5 over a newstest-size input (3,000 synthetic sentences of WMT length) with
+    Transformer-base and -big: traduire in bf16 (search.decode, batches of 4,000 source
+    tokens, as translate makes them) against CTranslate2 on the same device with traduire's
+    export of the same weights (bfloat16, float16, int8_float16; the dry run: float32 and int8
+    on the CPU). The weights are random, so outputs run to each sentence's length limit
+    (1.2 n + 10 tokens); CTranslate2 decodes to the longest limit of a batch and cuts. Sentences
+    and target tokens per second, decoding time only (the models are loaded first)."""
+    import importlib.util
+
+    from traduire.batch import sentence_batches
+    from traduire.export import export_ctranslate2
+    from traduire.model import Transformer, TransformerShape
+    from traduire.search import SearchOptions, decode
+
+    rows, skipped = [], []
+    options = SearchOptions(beam=5)
+    count = 48 if shapes.dry_run else 3000
+    for name in [m for m in shapes.models if m != "multi30k"]:
+        if time.monotonic() > deadline:
+            skipped.append(f"decoding {name}")
+            continue
+        config, vocab = model_config(name, shapes, device.type, False, 4096)
+        torch.manual_seed(0)
+        model = Transformer(TransformerShape.from_config(config.model, vocab, vocab, PAD)).eval()
+        tokenizer = stub_pieces(vocab)
+        sources = synthetic_sources(count, vocab)
+        batches = list(sentence_batches([len(s) for s in sources], 4000, 0))
+        with tempfile.TemporaryDirectory() as tmp:
+            exports = {}
+            if importlib.util.find_spec("ctranslate2") is not None:
+                exports = {q: export_ctranslate2(SimpleNamespace(model=model,
+                                                                 tokenizer=tokenizer),
+                                                 Path(tmp) / q, q)
+                           for q in (["float32", "int8"] if shapes.dry_run
+                                     else ["bfloat16", "float16", "int8_float16"])}
+            else:
+                skipped.append(f"ctranslate2 {name} (not installed)")
+            precision = "fp32" if shapes.dry_run else "bf16"
+            ours = (model if shapes.dry_run else model.to(torch.bfloat16)).to(device)
+            rows.append(_decode_row(name, "traduire", precision, batches, sources, device,
+                                    functools.partial(decode, ours, tokenizer,
+                                                      options=options)))
+            del ours
+            for quantization, directory in exports.items():
+                from traduire.ctranslate2_engine import CTranslate2Engine, ctranslate2_module
+
+                translator = ctranslate2_module().Translator(
+                    str(directory), device=device.type, compute_type=quantization)
+                engine = CTranslate2Engine(translator, tokenizer,
+                                           model.shape.max_positions, quantization)
+                rows.append(_decode_row(name, "ctranslate2", quantization, batches, sources,
+                                        device, functools.partial(engine.decode,
+                                                                  options=options)))
+                del engine, translator
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"rows": rows, "skipped": skipped}
+
+
+def _decode_row(model: str, engine: str, precision: str, batches: list[list[int]],
+                sources: list[list[int]], device: torch.device, search) -> dict[str, Any]:
+    search(src_ids=[sources[i] for i in batches[0]])  # warm-up: kernels chosen, memory pooled
+    _sync(device)
+    start = time.perf_counter()
+    tokens = 0
+    for batch in batches:
+        tokens += sum(len(h[0].tokens) + 1
+                      for h in search(src_ids=[sources[i] for i in batch]))
+    _sync(device)
+    seconds = time.perf_counter() - start
+    row = {"model": model, "engine": engine, "precision": precision,
+           "sentences": len(sources), "seconds": round(seconds, 2),
+           "sent_per_s": round(len(sources) / seconds, 1),
+           "tgt_tok_per_s": round(tokens / seconds, 1),
+           "peak_mem_gib": _peak_memory_gib(device)}
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
 PARTS = {
     "training": run_training,
+    "decoding": decoding_rows,
     "loss": lambda shapes, device, deadline: {"rows": loss_rows(shapes, device)},
     "attention": lambda shapes, device, deadline: {"rows": attention_rows(shapes, device)},
 }
@@ -296,6 +399,8 @@ COLUMNS = {
                  "tflops", "step_ms", "peak_mem_gib", "compilations", "warmup_s", "error"],
     "loss": ["form", "tokens", "vocab", "logits_gib", "above_logits_gib", "ms"],
     "attention": ["mask", "batch", "length", "ms", "vs_boolean"],
+    "decoding": ["model", "engine", "precision", "sentences", "seconds", "sent_per_s",
+                 "tgt_tok_per_s", "peak_mem_gib"],
 }
 
 
