@@ -419,7 +419,8 @@ def test_aten_calls_tiny_counts_eager_and_compiled_steps(tiny_runs):
     record, out, _ = output_of(tiny_runs, "aten_calls")
     assert [r["mode"] for r in record["rows"]] == ["eager", "compiled"]
     for r in record["rows"]:
-        assert r["steps"] == 1 and r["aten"] >= r["top"] > 0 and r["casts"] >= 0
+        assert r["steps"] == 2 and r["aten"] >= r["top"] > 0 and r["casts"] >= 0
+        assert r["compilations"] >= 0 and len(r["per_step"]) == 2
     assert "compiled / eager:" in out and record["tiny"] is True
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -64,14 +65,23 @@ def count(mode: str, args: argparse.Namespace) -> dict[str, object]:
             trainer._train_step(step.parts, int(step.tgt_lengths.sum()))
         per_step = []
         for step in planned[args.warmup:]:
+            graphs = _graphs_compiled()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 trainer._train_step(step.parts, int(step.tgt_lengths.sum()))
-            per_step.append(aten_counts(prof.events()))
+            per_step.append({**aten_counts(prof.events()),
+                             "compilations": _graphs_compiled() - graphs})
+    # The median step: a step that compiled again (a batch shape breaking a guard of the
+    # first compilation) counts the compiler's own calls, and is reported apart.
     return {"mode": mode, "steps": len(per_step),
-            "aten": round(sum(c["aten"] for c in per_step) / len(per_step)),
-            "top": round(sum(c["top"] for c in per_step) / len(per_step)),
-            "casts": round(sum(c["casts"] for c in per_step) / len(per_step)),
-            "per_step": per_step}
+            **{key: round(statistics.median(c[key] for c in per_step))
+               for key in ("aten", "top", "casts")},
+            "compilations": sum(c["compilations"] for c in per_step), "per_step": per_step}
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def aten_counts(events) -> dict[str, int]:
@@ -92,8 +102,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"],
                         default=["eager", "compiled"])
     parser.add_argument("--batch-tokens", type=int, default=4096)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--tiny", action="store_true",
                         help="a tiny model, 256 tokens a step, compiled through aot_eager")
@@ -101,17 +111,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tiny:
-        args.batch_tokens, args.warmup, args.steps = 256, 1, 1
+        args.batch_tokens, args.warmup, args.steps = 256, 1, 2
         compile_ = torch.compile
         torch.compile = lambda model, **kw: compile_(model, backend="aot_eager", **kw)
     gpu_code_path()
     rows = [count(mode, args) for mode in args.modes]
     print(f"aten calls per training step of the Multi30k model{' (tiny)' if args.tiny else ''}, "
-          f"bf16 autocast, {args.batch_tokens} batch tokens, the GPU's code path, mean of "
-          f"{args.steps} steps:")
+          f"bf16 autocast, {args.batch_tokens} batch tokens, the GPU's code path, median of "
+          f"{args.steps} steps after {args.warmup}:")
     for r in rows:
         print(f"  {r['mode']:<9} aten {r['aten']:>6,}   top-level {r['top']:>6,}   "
-              f"casts {r['casts']:>5,}")
+              f"casts {r['casts']:>5,}   compilations during the counted steps "
+              f"{r['compilations']}")
     if len(rows) == 2:
         print(f"  compiled / eager: {rows[1]['aten'] / rows[0]['aten']:.3f} of the aten calls, "
               f"{rows[1]['top'] / rows[0]['top']:.3f} of the top-level ones")
