@@ -211,8 +211,10 @@ class CheckpointWriter:
         self._buffers: dict[tuple, list[torch.Tensor]] = {}
         self.pause_s = self.write_s = 0.0  # of the last save
 
-    def save(self, path: Path, state: dict[str, Any], then: Callable[[], None] | None = None
-             ) -> None:
+    def save(self, path: Path, state: dict[str, Any], then: Callable[[], None] | None = None,
+             best: Path | None = None) -> None:
+        """Write `state` to `path`, then (with `best`) its for_translation part to `best`,
+        from the same copy, then run `then`."""
         self.wait()
         start = time.perf_counter()
         tensors: list[torch.Tensor] = []
@@ -236,6 +238,8 @@ class CheckpointWriter:
             began = time.perf_counter()
             try:
                 save_checkpoint(path, copy)
+                if best is not None:
+                    save_checkpoint(best, for_translation(copy))
                 if then is not None:
                     then()
             except BaseException as e:  # raised again in the training thread

@@ -129,6 +129,7 @@ class Trainer:
         self.grad_norm: torch.Tensor | None = None  # of the last step, when it was computed
         self.flops = ModelFlops(self.model)
         self.writer = CheckpointWriter()  # rank 0's checkpoints, written in the background
+        self._best_due = False  # validation improved: best.pt goes with the next save
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -201,8 +202,9 @@ class Trainer:
                 window = Window()
             if (step % self.cfg.valid_every == 0 or stop) and not stopped_by:
                 stop = self._validate() or stop
-            if step % self.cfg.save_every == 0 or stop:
-                self._save()
+            periodic = step % self.cfg.save_every == 0 or stop
+            if periodic or self._best_due:
+                self._save(periodic)
             if stop:
                 return stopped_by
 
@@ -338,8 +340,7 @@ class Trainer:
         s.validations_without_improvement = 0 if improved else s.validations_without_improvement + 1
         record["best"] = improved
         self.monitor.valid_record(record)
-        if improved:
-            self._save(self.run_dir / "best.pt")
+        self._best_due = improved  # saved with this step's checkpoint: one copy for both
         if self.cfg.patience and s.validations_without_improvement >= self.cfg.patience:
             self.monitor.info(f"early stopping: no improvement in {self.cfg.patience} "
                               "validations")
@@ -378,20 +379,24 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def _save(self, path: Path | None = None) -> None:
-        """Write a checkpoint (every rank takes part: each one's random state goes in it). The
-        loop pauses while rank 0 copies the state to host memory; the write goes on in the
-        background (CheckpointWriter). `path` (best.pt) gets what translating needs only."""
+    def _save(self, periodic: bool = True) -> None:
+        """Write a periodic checkpoint and, if validation just improved, best.pt (what
+        translating needs only), from one copy (every rank takes part: each one's random
+        state goes in it). The loop pauses while rank 0 copies the state to host memory; the
+        writes go on in the background (CheckpointWriter)."""
         rng = distributed.all_gather(rng_state(self.device))
+        best = self.run_dir / "best.pt" if self._best_due else None
+        self._best_due = False
         if self.dist.is_main:
             state = training_checkpoint(self.model, self.optimizer, self.scaler, self.state,
                                         rng, self.config, self.tokenizer.fingerprint())
-            if path is None:
+            if periodic:
                 self.writer.save(self.checkpoint_dir / f"step_{self.state.step:08d}.pt", state,
                                  then=lambda: prune_checkpoints(self.checkpoint_dir,
-                                                                self.cfg.keep_last))
+                                                                self.cfg.keep_last),
+                                 best=best)
             else:
-                self.writer.save(path, for_translation(state))
+                self.writer.save(best, for_translation(state))
             self.monitor.sync()
         distributed.barrier()
 
