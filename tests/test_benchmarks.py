@@ -433,8 +433,9 @@ def test_gpu_bench_dry_run_prints_every_part_with_its_figures(tiny_runs):
                                                        ("multi30k", "eager")]
     for r in rows:
         assert "error" not in r, r
-        for key in ("tgt_tok_per_s", "step_ms", "tgt_tokens_per_step", "warmup_s", "loss"):
+        for key in ("tgt_tok_per_s", "step_ms", "tgt_tokens_per_step", "loss"):
             assert finite(r[key]) and r[key] > 0, (key, r)
+        assert finite(r["warmup_s"]) and r["warmup_s"] >= 0  # one eager step: may round to 0
         assert r["mfu"] is None and r["peak_mem_gib"] is None  # no GPU: no peak, no memory
     compiled, eager = rows
     # One compilation takes every batch shape; the eager model compiles nothing.
