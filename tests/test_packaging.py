@@ -146,7 +146,8 @@ def imports_of(path: Path) -> set[str]:
 # and nothing may form a cycle.
 LAYERS = [
     {"cli", "__main__"},
-    {"pipeline", "export", "report", "translate_files", "huggingface"},
+    {"pipeline", "export", "report", "translate_files", "huggingface", "translate_chunks",
+     "translate_output"},
     {"translate"},
     {"analysis", "training", "ctranslate2_engine"},
     {"evaluate", "monitor", "loading", "finetune"},

@@ -17,7 +17,8 @@ from traduire.device import decoding_precision
 from traduire.errors import TraduireError
 from traduire.search import Hypothesis
 from traduire.translate import DecodeOptions, Translation, Translator
-from traduire.translate_files import format_probabilities, translate_file
+from traduire.translate_files import translate_file
+from traduire.translate_output import format_probabilities
 
 CPU = torch.device("cpu")
 SOURCES = ["the dog runs", "a man in a red shirt", "", "two children play in the water"]

@@ -203,7 +203,7 @@ def translate_chunks(job: Job, translator: Translator, rank: int, world: int,
 def _translate_chunk(job: Job, translator: Translator, chunk: int, console: Console,
                      on_line: Callable[[], None] | None) -> int:
     """Translate one chunk into its part file, then write its record (the chunk is done)."""
-    from traduire.translate_files import RunLog, format_probabilities, output_line
+    from traduire.translate_output import RunLog, format_probabilities, output_line
 
     first, count, offset = job.chunks[chunk]
     log = RunLog(console, str(job.input), translator.max_source_tokens, job.flag_below)
