@@ -17,7 +17,7 @@ import torch
 
 from traduire.ctranslate2_engine import ctranslate2_module
 from traduire.errors import TraduireError
-from traduire.files import replace_directory
+from traduire.files import check_export_dir, replace_directory
 from traduire.model import MultiHeadAttention, Sublayer, Transformer
 from traduire.tokenizer import Tokenizer
 from traduire.translate import Translator
@@ -104,14 +104,7 @@ def export_ctranslate2(translator: Translator, out_dir: Path, quantization: str 
         raise TraduireError(f"quantization {quantization!r}: expected one of "
                             f"{', '.join(QUANTIZATIONS)}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TraduireError(f"{out_dir}: is a file, not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not (out_dir / "model.bin").is_file():
-            raise TraduireError(f"{out_dir}: a non-empty directory that is not a CTranslate2 "
-                                "model; not replacing it")
-        if not force:
-            raise TraduireError(f"{out_dir}: already exists (use --force to replace it)")
+    check_export_dir(out_dir, "model.bin", "CTranslate2", force)
     spec = ctranslate2_spec(translator.model, translator.tokenizer)
     spec.validate()
     spec.optimize(quantization=quantization)

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from traduire.errors import DataError
+from traduire.errors import DataError, TraduireError
 
 # --- Reading -----------------------------------------------------------------------------------
 
@@ -205,6 +205,20 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
                      _RENAME_EXCHANGE) == 0
+
+
+def check_export_dir(out_dir: Path, marker: str, kind: str, force: bool) -> None:
+    """Refuse to write an export into a file, into a non-empty directory that holds no
+    `marker` (it is not a `kind` model: someone else's files), or over an earlier export
+    unless `force`."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TraduireError(f"{out_dir}: is a file, not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / marker).is_file():
+            raise TraduireError(f"{out_dir}: a non-empty directory that is not a {kind} "
+                                "model; not replacing it")
+        if not force:
+            raise TraduireError(f"{out_dir}: already exists (use --force to replace it)")
 
 
 def run_dir_of(path: Path) -> Path | None:

@@ -35,7 +35,7 @@ from torch import Tensor
 from traduire.checkpoint import save_checkpoint
 from traduire.config import Config, config_from_dict, plain
 from traduire.errors import TraduireError
-from traduire.files import atomic_write_text, replace_directory
+from traduire.files import atomic_write_text, check_export_dir, replace_directory
 from traduire.loading import build_model
 from traduire.model import Transformer
 from traduire.pipeline import RUN_FORMAT_VERSION, write_record
@@ -85,19 +85,19 @@ def _weight_map(model: Transformer, prefix: str) -> list[tuple[str, list[str], s
         linear(f"{ours}.ffn.linear2", [f"{theirs}.fc2"], "rows", "rows")
         norm(f"{ours}.ffn_block.norm", f"{theirs}.final_layer_norm")
 
-    for i in range(len(model.encoder.layers)):
-        ours, theirs = f"encoder.layers.{i}", f"{prefix}encoder.layers.{i}"
+    def self_attention(ours: str, theirs: str, block: str) -> None:
         linear(f"{ours}.self_attn.qkv_proj", [f"{theirs}.self_attn.{p}_proj" for p in "qkv"],
                "cols", "none")
         linear(f"{ours}.self_attn.out_proj", [f"{theirs}.self_attn.out_proj"], "rows", "rows")
-        norm(f"{ours}.attn_block.norm", f"{theirs}.self_attn_layer_norm")
+        norm(f"{ours}.{block}.norm", f"{theirs}.self_attn_layer_norm")
+
+    for i in range(len(model.encoder.layers)):
+        ours, theirs = f"encoder.layers.{i}", f"{prefix}encoder.layers.{i}"
+        self_attention(ours, theirs, "attn_block")
         ffn(ours, theirs)
     for i in range(len(model.decoder.layers)):
         ours, theirs = f"decoder.layers.{i}", f"{prefix}decoder.layers.{i}"
-        linear(f"{ours}.self_attn.qkv_proj", [f"{theirs}.self_attn.{p}_proj" for p in "qkv"],
-               "cols", "none")
-        linear(f"{ours}.self_attn.out_proj", [f"{theirs}.self_attn.out_proj"], "rows", "rows")
-        norm(f"{ours}.self_block.norm", f"{theirs}.self_attn_layer_norm")
+        self_attention(ours, theirs, "self_block")
         linear(f"{ours}.cross_attn.q_proj", [f"{theirs}.encoder_attn.q_proj"], "cols", "none")
         linear(f"{ours}.cross_attn.kv_proj", [f"{theirs}.encoder_attn.{p}_proj" for p in "kv"],
                "cols", "none")
@@ -358,14 +358,7 @@ def write_transformers(model: Transformer, tok: Tokenizer, out_dir: str | Path,
     that AutoModelForSeq2SeqLM and AutoTokenizer load offline; returns it."""
     transformers = transformers_module()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TraduireError(f"{out_dir}: is a file, not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not (out_dir / "config.json").is_file():
-            raise TraduireError(f"{out_dir}: a non-empty directory that is not a transformers "
-                                "model; not replacing it")
-        if not force:
-            raise TraduireError(f"{out_dir}: already exists (use --force to replace it)")
+    check_export_dir(out_dir, "config.json", "transformers", force)
     kwargs = transformers_config(model, tok)
     if model.shape.norm == "post":
         hf_config, cls = transformers.MarianConfig(**kwargs), transformers.MarianMTModel
