@@ -388,6 +388,8 @@ def test_scale_run_tiny_measures_start_up_memory_checkpoints_and_the_epoch_bound
     record, out, _ = output_of(tiny_runs, "scale_run")
     assert record["world"] == 2 and record["cold_cache"] == "not dropped (--no-drop)"
     assert finite(record["first_step_cold_s"]) and record["first_step_cold_s"] > 0
+    # Launch to the first step's start comes before launch to its end.
+    assert 0 < record["to_first_step_cold_s"] < record["first_step_cold_s"]
     assert len(record["peak_rss_mib"]) == len(record["peak_pss_mib"]) == 2
     assert all(0 < pss <= rss for pss, rss in zip(record["peak_pss_mib"],
                                                   record["peak_rss_mib"]))

@@ -19,10 +19,14 @@ For each world size, in a fresh training directory beside the prepared one (the 
 tokenizer and encoded splits linked, not copied):
   cold   the page cache dropped (echo 3 > /proc/sys/vm/drop_caches, where permitted; where
          not, the corpus files alone are evicted with posix_fadvise, and the output says so),
-         then --steps steps with a checkpoint every --steps // 2: launch to the end of the first
-         step, the median step, peak RSS and PSS per rank, and each checkpoint's pause of the
-         loop (Trainer._save) and its write (save_checkpoint, in whichever thread runs it)
-  warm   a fresh directory, the cache warm: launch to the end of the first (only) step
+         then --steps steps with a checkpoint every --steps // 2: launch to the start of the
+         first step (its batch in hand: "to_step1") and to its end ("step1_done"), the
+         median step, peak RSS and PSS per rank, and each checkpoint's pause of the loop
+         (Trainer._save) and its write (save_checkpoint, in whichever thread runs it)
+  warm   a fresh directory, the cache warm: launch to the start and the end of the first
+         (only) step, and its peak RSS (the kernel's high-water mark); then the same 1-step run
+         with the Multi30k model (3+3 layers, d_model 256), whose own memory does not hide
+         what opening the corpus costs ("1step_small_rss")
   resume the cold run's last checkpoint moved to 2 batches before the end of its epoch, then
          4 more steps: the time to resume (Trainer._resume) and the step that crosses into
          the next epoch against the median step
@@ -61,6 +65,8 @@ CONFIG = REPO / "configs" / "wmt14-en-fr-base.yaml"
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "traduire-scale-run"
 LINKED = ("data", "tokenizer", "encoded")
 RESUME_BEFORE_END, RESUME_STEPS = 2, 4
+# configs/multi30k-en-fr.yaml's model (3+3 layers, d_model 256), for the 1-step memory figure.
+SMALL_MODEL = ["model.layers=3", "model.d_model=256", "model.heads=4", "model.ffn_dim=1024"]
 
 # Runs `traduire train` in this process, recording what the benchmark reports into
 # $SCALE_OUT/rank<RANK>.json at exit: step end times and epochs, checkpoint pauses and writes,
@@ -70,8 +76,9 @@ import atexit, json, os, resource, sys, threading, time
 from pathlib import Path
 
 out = Path(os.environ["SCALE_OUT"]) / f"rank{os.environ.get('RANK', '0')}.json"
-record = {"step_ends": [], "epochs": [], "epoch_batches": None, "pauses": [], "writes": [],
-          "resume_s": None, "peak": {"Rss": 0, "Pss": 0, "Private": 0}, "param_bytes": 0}
+record = {"step_starts": [], "step_ends": [], "epochs": [], "epoch_batches": None,
+          "pauses": [], "writes": [], "resume_s": None,
+          "peak": {"Rss": 0, "Pss": 0, "Private": 0}, "param_bytes": 0}
 
 def sample():
     while True:
@@ -123,6 +130,7 @@ def train_step(self, *args):
     if not record["param_bytes"]:
         record["param_bytes"] = sum(p.numel() * p.element_size()
                                     for p in self.model.parameters())
+    record["step_starts"].append(time.time())
     result = original_step(self, *args)
     record["step_ends"].append(time.time())
     return result
@@ -238,6 +246,7 @@ def measure(args: argparse.Namespace, n: int, prepared: Path, world: int) -> dic
     cold_dir = training_dir(prepared, base / "cold")
     result["cold_cache"] = make_cold(prepared) if not args.no_drop else "not dropped (--no-drop)"
     launched, ranks = train(args, cold_dir, world, args.steps, base / "out-cold")
+    result["to_first_step_cold_s"] = round(ranks[0]["step_starts"][0] - launched, 2)
     result["first_step_cold_s"] = round(ranks[0]["step_ends"][0] - launched, 2)
     steady = [t for r in ranks[:1] for t in step_times(r)]
     result["peak_rss_mib"] = [round(r["peak"]["Rss"] * mib) for r in ranks]
@@ -249,11 +258,19 @@ def measure(args: argparse.Namespace, n: int, prepared: Path, world: int) -> dic
     result["checkpoint_write_s"] = ranks[0]["writes"]
 
     result["first_step_warm_s"], result["one_step_peak_rss_mib"] = None, []
+    result["to_first_step_warm_s"], result["one_step_small_rss_mib"] = None, []
     if not args.tiny:  # the cold run's start, again: --tiny checks that the rest runs
         warm_dir = training_dir(prepared, base / "warm")
         launched, warm = train(args, warm_dir, world, 1, base / "out-warm")
+        result["to_first_step_warm_s"] = round(warm[0]["step_starts"][0] - launched, 2)
         result["first_step_warm_s"] = round(warm[0]["step_ends"][0] - launched, 2)
-        result["one_step_peak_rss_mib"] = [round(r["peak"]["Rss"] * mib) for r in warm]
+        # The kernel's high-water mark: a short run's peak can fall between two samples.
+        result["one_step_peak_rss_mib"] = [round(r["max_rss_kib"] * mib) for r in warm]
+        # The same 1-step run with the Multi30k model: what the corpus costs beside a model
+        # whose own memory does not hide it.
+        small_dir = training_dir(prepared, base / "small")
+        _, small = train(args, small_dir, world, 1, base / "out-small", SMALL_MODEL)
+        result["one_step_small_rss_mib"] = [round(r["max_rss_kib"] * mib) for r in small]
 
     epoch_batches = ranks[0]["epoch_batches"]
     step = move_to_epoch_end(cold_dir, epoch_batches)
@@ -373,10 +390,13 @@ def table_row(r: dict[str, Any]) -> dict[str, Any]:
         return None if value is None else f"{value:.3g}"
     writes = [w[0] for w in r["checkpoint_write_s"]]
     return {"pairs": label(r["n"]), "code": r["code"], "ranks": r["world"],
-            "first_step_cold_s": r["first_step_cold_s"], "first_step_warm_s":
-            r["first_step_warm_s"], "rss_mib": joined(r["peak_rss_mib"]),
+            "to_step1_cold_s": r.get("to_first_step_cold_s"),
+            "step1_done_cold_s": r["first_step_cold_s"],
+            "to_step1_warm_s": r.get("to_first_step_warm_s"),
+            "step1_done_warm_s": r["first_step_warm_s"], "rss_mib": joined(r["peak_rss_mib"]),
             "pss_mib": joined(r["peak_pss_mib"]), "pss-model_mib": joined(
                 r["pss_beyond_model_mib"]), "1step_rss_mib": joined(r["one_step_peak_rss_mib"]),
+            "1step_small_rss_mib": joined(r.get("one_step_small_rss_mib", [])),
             "median_step_s": fig(r["median_step_s"]),
             "boundary_step_s": fig(r.get("boundary_step_s")),
             "boundary/median": fig(r.get("boundary_vs_median")),
