@@ -514,3 +514,33 @@ def test_a_saved_corpus_opens_as_the_same_batches_with_its_ids_left_on_disk(tmp_
         assert opened.source_ids(rows) == [saved["src_ids"][i] for i in rows]
     with pytest.raises(ValueError, match="without its text"):
         opened.texts(rows, "src")
+
+
+def test_a_plan_with_sampling_builds_each_pass_from_what_the_sampler_gives():
+    """The sampler is asked for each pass's positions in its global batch (every sentence
+    once over the ranks and passes), and the batch plan keeps the encoded lengths."""
+    corpus = toy_corpus()
+    asked = []
+
+    def reversed_ids(epoch, index, global_batch, where):
+        asked.append((epoch, index, tuple(global_batch[where])))
+        rows = global_batch[where]
+        return ([s[::-1] for s in corpus.source_ids(rows)],
+                [t[::-1] for t in corpus.target_ids(rows)])
+
+    plain = steps_from(corpus, 0, 0, 3)
+    for rank in (0, 1):
+        plan = StepPlan(batch_tokens=60, seed=3, pad=0, bos=2, eos=3, rank=rank, world_size=2,
+                        sample=reversed_ids)
+        for step, same in zip(itertools.islice(training_steps(corpus, plan), 3), plain):
+            assert np.array_equal(step.src_lengths, same.src_lengths)
+            batch, weight = step.parts[0]
+            rows = [[t for t in row if t != 0][:-1] for row in batch.src.tolist()]
+            assert rows == [s[::-1] for s in corpus.source_ids(np.array(asked[-1][2]))]
+    per_step = {}
+    for epoch, index, rows in asked:
+        per_step.setdefault((epoch, index), []).extend(rows)
+    for (epoch, index), rows in per_step.items():
+        assert sorted(rows) == sorted(int(i) for i in
+                                      token_batches(corpus.src_lens, corpus.tgt_lens,
+                                                    corpus.usable, 60, 3, epoch)[index])

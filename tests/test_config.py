@@ -420,3 +420,64 @@ def test_replace_changes_only_the_keys_given():
     assert changed_keys(config.to_dict(), changed.to_dict()) == \
         ["model.layers", "train.lr", "train.seed"]
     assert config.train.lr == 1e-3  # the original is unchanged
+
+
+BUDGET = [DIR, "train.schedule=budget"]
+
+
+@pytest.mark.parametrize(("overrides", "key", "words"), [
+    ([], "train.schedule", "needs 'train.max_steps' or 'train.max_time'"),
+    (["train.max_steps=100", "train.decay_fraction=0"], "train.decay_fraction",
+     "must be in (0, 1]"),
+    (["train.max_steps=100", "train.decay_fraction=1.5"], "train.decay_fraction",
+     "must be in (0, 1]"),
+    (["train.max_steps=100", "train.decay_steps=50"], "train.decay_steps",
+     "is for cosine and linear"),
+    (["train.max_time=9m", "train.warmup_fraction=0.05"], "train.warmup_fraction",
+     "needs 'train.max_steps'"),
+    (["train.max_steps=100", "train.warmup_fraction=1"], "train.warmup_fraction",
+     "must be in [0, 1)"),
+    (["train.max_steps=100", "train.warmup_fraction=0.9"], "train.warmup_fraction",
+     "add up to more than the budget"),
+])
+def test_the_budget_schedule_refuses_what_it_cannot_plan(overrides, key, words):
+    message = error_of(None, *BUDGET, *overrides)
+    assert f"'{key}" in message and words in message and "\n" not in message
+
+
+def test_the_budget_schedule_takes_a_step_or_time_budget_and_a_warmup_share():
+    for budget in (["train.max_steps=100"], ["train.max_time=9m"],
+                   ["train.max_steps=100", "train.max_time=9m"]):
+        assert load_config(None, [*BUDGET, *budget]).train.decay_fraction == 0.2
+    train = load_config(None, [*BUDGET, "train.max_steps=100", "train.warmup_fraction=0.1",
+                               "train.decay_fraction=0.9"]).train
+    assert (train.warmup_fraction, train.decay_fraction) == (0.1, 0.9)
+    assert "'train.warmup_fraction' is a share of the budget of 'train.schedule: budget'" in \
+        error_of(None, DIR, "train.max_steps=100", "train.warmup_fraction=0.1")
+
+
+@pytest.mark.parametrize(("overrides", "key", "words"), [
+    (["tokenizer.sample_alpha=-0.1"], "tokenizer.sample_alpha", "must be in [0, 1]"),
+    (["tokenizer.sample_alpha=1.5"], "tokenizer.sample_alpha", "must be in [0, 1]"),
+    (["tokenizer.sample_alpha=0.1", "tokenizer.sample_nbest=1"], "tokenizer.sample_nbest",
+     "must be at least 2"),
+    (["tokenizer.sample_alpha=0.1", "tokenizer.sample_nbest=-1"], "tokenizer.sample_nbest",
+     "must be at least 2"),
+    (["tokenizer.sample_alpha=0.1", "tokenizer.model_type=bpe"], "tokenizer.sample_alpha",
+     "needs 'tokenizer.model_type: unigram'"),
+    (["tokenizer.sample_alpha=0.1", "tokenizer.model_type=bpe", "tokenizer.sample_nbest=8"],
+     "tokenizer.sample_nbest", "a BPE model has no n-best segmentations"),
+])
+def test_subword_sampling_keys_are_checked(overrides, key, words):
+    message = error_of(None, DIR, *overrides)
+    assert f"'{key}" in message and words in message and "\n" not in message
+
+
+def test_subword_sampling_is_off_by_default_and_with_zero_or_null():
+    assert load_config(None, [DIR]).tokenizer.sample_alpha == 0.0
+    for off in ("0", "null"):
+        assert not load_config(None, [DIR, f"tokenizer.sample_alpha={off}"]).tokenizer.sample_alpha
+    # Off, a BPE model is fine: nothing is sampled.
+    assert load_config(None, [DIR, "tokenizer.model_type=bpe"]).tokenizer.sample_nbest == 64
+    on = load_config(None, [DIR, "tokenizer.sample_alpha=0.1", "tokenizer.sample_target=true"])
+    assert (on.tokenizer.sample_alpha, on.tokenizer.sample_target) == (0.1, True)

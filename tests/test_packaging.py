@@ -151,7 +151,7 @@ LAYERS = [
     {"translate"},
     {"analysis", "training", "ctranslate2_engine"},
     {"evaluate", "monitor", "loading", "finetune"},
-    {"search", "data", "tokenizer", "checkpoint", "distributed", "bible"},
+    {"search", "data", "tokenizer", "checkpoint", "distributed", "bible", "schedule"},
     {"model", "batch", "loss"},
     {"config", "device"},
     {"kernels", "files", "errors", "runtime"},

@@ -17,7 +17,7 @@ from traduire.batch import EncodedCorpus
 from traduire.checkpoint import load_checkpoint, step_checkpoints
 from traduire.config import load_config
 from traduire.errors import CheckpointError, DataError, TraduireError
-from traduire.pipeline import open_encoded, prepare, run
+from traduire.pipeline import check_run_dir, open_encoded, prepare, run
 from traduire.tokenizer import Tokenizer
 
 SHORT = ["train.max_steps=10"]
@@ -200,6 +200,32 @@ def test_changing_a_bound_key_is_allowed(first_run, tiny_config_path):
     assert metric_steps(first_run) == [5, 10, 12, 16]
     assert [p.name for p in step_checkpoints(first_run / "checkpoints")] == ["step_00000016.pt"]
     assert yaml.safe_load((first_run / "config.yaml").read_text())["train"]["log_every"] == 4
+
+
+def test_sampling_keys_are_the_model_stages_not_the_tokenizers(first_run, tiny_config_path):
+    """Subword sampling changes the training batches, not the vocabulary: turning it on never
+    trains SentencePiece or encodes again, and a run is not resumed with other batches."""
+    sampling = SHORT + ["tokenizer.sample_alpha=0.2"]
+    with pytest.raises(TraduireError, match=r"changed: tokenizer\.sample_alpha\. Use"):
+        run(load_config(tiny_config_path, sampling), first_run)
+    assert check_run_dir(first_run, load_config(tiny_config_path, sampling), True) == "model"
+    # Off, the other sampling keys change nothing.
+    assert check_run_dir(first_run, load_config(tiny_config_path, SHORT + [
+        "tokenizer.sample_nbest=8", "tokenizer.sample_alpha=null"]), False) is None
+
+
+def test_a_record_older_than_a_key_matches_the_keys_default(first_run, tiny_config_path):
+    """A stage record written before a key existed matches a config leaving it at its default
+    (a run directory of an older traduire resumes), and not one that sets it."""
+    path = first_run / "stages" / "model.json"
+    record = json.loads(path.read_text())
+    del record["settings"]["train"]["decay_fraction"]
+    del record["settings"]["tokenizer"]
+    path.write_text(json.dumps(record))
+    assert check_run_dir(first_run, load_config(tiny_config_path, SHORT), False) is None
+    with pytest.raises(TraduireError, match=r"changed: train\.decay_fraction\. Use"):
+        check_run_dir(first_run, load_config(tiny_config_path, SHORT + [
+            "train.decay_fraction=0.5"]), False)
 
 
 def test_newer_run_directory_format_is_refused(tiny_config_path, tmp_path):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
 
 import datasets
 import numpy as np
@@ -12,9 +15,16 @@ import sentencepiece as spm
 
 from conftest import make_pair
 from traduire import runtime
+from traduire.batch import EncodedCorpus
 from traduire.config import TokenizerConfig
 from traduire.errors import ConfigError, TraduireError
-from traduire.tokenizer import Tokenizer, encode_corpus, sample_sentences, train_tokenizer
+from traduire.tokenizer import (
+    SubwordSampler,
+    Tokenizer,
+    encode_corpus,
+    sample_sentences,
+    train_tokenizer,
+)
 
 
 def numbered_pairs(n: int) -> datasets.Dataset:
@@ -178,3 +188,97 @@ def test_the_fingerprint_differs_for_other_pieces_of_the_same_number(tmp_path):
     mixed = Tokenizer(lower.src, upper.tgt)
     assert len({lower.fingerprint(), upper.fingerprint(), mixed.fingerprint()}) == 3
     assert Tokenizer(lower.src, lower.tgt).fingerprint() == lower.fingerprint()
+
+
+# --- subword sampling --------------------------------------------------------------------------
+
+
+def sampler_for(tmp_path, alpha: float = 0.5, target: bool = False, max_len: int = 64,
+                seed: int = 1) -> SubwordSampler:
+    pairs = toy_pairs()
+    tokenizer = train_tokenizer(pairs, TokenizerConfig(vocab_size=40), tmp_path)
+    corpus = EncodedCorpus(encode_corpus(pairs, tokenizer, tmp_path / "encoded.arrow"))
+    cfg = TokenizerConfig(vocab_size=40, sample_alpha=alpha, sample_nbest=8,
+                          sample_target=target)
+    return SubwordSampler(tokenizer, corpus, cfg, seed, max_len)
+
+
+def test_sampled_segmentations_follow_the_seed_change_each_epoch_and_decode_to_the_text(
+        tmp_path):
+    sampler = sampler_for(tmp_path, target=True)
+    corpus, tokenizer = sampler.corpus, sampler.tokenizer
+    batch, where = np.arange(0, 120, 2), np.arange(60)
+    src, tgt = sampler(0, 5, batch, where)
+    assert (src, tgt) == sampler(0, 5, batch, where)  # the same seed: the same draws
+    best_src, best_tgt = corpus.source_ids(batch), corpus.target_ids(batch)
+    assert src != best_src and tgt != best_tgt  # some sentences take another segmentation
+    assert tokenizer.decode_tgt(src) == tokenizer.decode_tgt(best_src)
+    assert tokenizer.decode_tgt(tgt) == corpus.texts(batch, "tgt")
+    assert sampler(1, 5, batch, where)[0] != src  # another epoch, other draws
+    assert sampler(0, 6, batch, where)[0] != src  # another batch too
+    other_seed = SubwordSampler(tokenizer, corpus, TokenizerConfig(
+        vocab_size=40, sample_alpha=0.5, sample_nbest=8), 2, 64)
+    assert other_seed(0, 5, batch, where)[0] != src
+    # Without sample_target the target is the best segmentation, as encoded.
+    assert SubwordSampler(tokenizer, corpus, TokenizerConfig(
+        vocab_size=40, sample_alpha=0.5, sample_nbest=8), 1, 64)(0, 5, batch, where)[1] == \
+        best_tgt
+
+
+def test_a_sentence_draws_the_same_however_its_batch_is_split(tmp_path):
+    sampler = sampler_for(tmp_path)
+    batch = np.arange(40)
+    whole = sampler(3, 0, batch, np.arange(40))[0]
+    halves = sampler(3, 0, batch, np.arange(17))[0] + sampler(3, 0, batch, np.arange(17, 40))[0]
+    assert halves == whole
+
+
+def test_sampling_draws_the_same_in_another_process(tmp_path):
+    """SentencePiece's own sampling, seeded alike, draws differently in each process; the
+    sampler's draws do not depend on the process."""
+    sampler = sampler_for(tmp_path)
+    batch = np.arange(50)
+    here = sampler(2, 4, batch, np.arange(50))[0]
+    script = ("import json, sys, numpy as np, datasets\n"
+              "from traduire.batch import EncodedCorpus\n"
+              "from traduire.config import TokenizerConfig\n"
+              "from traduire.tokenizer import SubwordSampler, Tokenizer\n"
+              "t = Tokenizer.load(__import__('pathlib').Path(sys.argv[1]))\n"
+              "c = EncodedCorpus(datasets.Dataset.from_file(sys.argv[2]))\n"
+              "s = SubwordSampler(t, c, TokenizerConfig(vocab_size=40, sample_alpha=0.5, "
+              "sample_nbest=8), 1, 64)\n"
+              "print(json.dumps(s(2, 4, np.arange(50), np.arange(50))[0]))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path),
+                          str(tmp_path / "encoded.arrow")], capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out) == here
+
+
+def test_the_scores_sampled_from_are_sentencepieces(tmp_path):
+    """The log-probabilities the draws weigh are SentencePiece's scores of the n-best list,
+    an unknown character's penalty included."""
+    sampler = sampler_for(tmp_path)
+    processor = sampler.tokenizer.src
+    for text in ["a big dog runs here", "the cat ω sleeps"]:
+        for candidate in processor.nbest_encode(text, nbest_size=4, out_type="proto").nbests:
+            ids = [piece.id for piece in candidate.pieces]
+            assert sampler._log_probs["src"][ids].sum() == pytest.approx(candidate.score,
+                                                                          abs=1e-4)
+
+
+def test_a_sampled_segmentation_never_outgrows_the_model(tmp_path):
+    sampler = sampler_for(tmp_path, alpha=0.0001, max_len=8)  # all but uniform over the list
+    batch = np.arange(200)
+    best = sampler.corpus.source_ids(batch)
+    for epoch in range(3):
+        sampled = sampler(epoch, 0, batch, np.arange(200))[0]
+        # What fits (EOS included) fits still; a longer best segmentation is kept as it is.
+        assert all(len(s) < 8 or s == b for s, b in zip(sampled, best))
+
+
+def test_sampling_with_a_model_without_nbest_is_refused(tmp_path):
+    pairs = toy_pairs()
+    bpe = train_tokenizer(pairs, TokenizerConfig(model_type="bpe", vocab_size=60), tmp_path)
+    corpus = EncodedCorpus(encode_corpus(pairs, bpe, tmp_path / "encoded.arrow"))
+    with pytest.raises(ConfigError, match="'tokenizer.sample_alpha' needs a unigram"):
+        SubwordSampler(bpe, corpus, TokenizerConfig(sample_alpha=0.1), 1, 64)

@@ -217,6 +217,127 @@ def test_gradient_accumulation_matches_one_pass(workspace, corpus):
     assert math.isclose(losses[0][4], losses[1][4], rel_tol=1e-5)
 
 
+# --- the budget schedule and subword sampling, resumed ---------------------------------------
+# Run B of these stops at the end of the first epoch (train.max_epochs=1, 14 steps of the
+# tiny corpus), without touching the schedule's budget, and resumes to 2N.
+
+BUDGET = {"max_steps": 2 * N, "schedule": "budget", "min_lr": 1e-4}  # decays over steps 16-20
+SAMPLING = {"sample_alpha": 0.5, "sample_nbest": 8, "sample_target": True}
+
+
+def interrupted_and_resumed(workspace: Path, corpus: Path, name: str, **sections: dict) -> Path:
+    torch.set_num_threads(1)  # as straight_run: bit-equal sums need one intra-op thread
+    path = write_config(workspace / f"{name}.yaml", tiny_settings(corpus, **sections))
+    first = run(load_config(path, ["train.max_epochs=1"]), workspace / name)
+    assert 10 < first.step < 2 * N and first.epoch == 1
+    assert run(load_config(path), workspace / name).step == 2 * N
+    return workspace / name
+
+
+def assert_equal_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.fixture(scope="module")
+def budget_run(workspace, corpus) -> Path:
+    torch.set_num_threads(1)
+    path = write_config(workspace / "budget.yaml", tiny_settings(corpus, train=BUDGET))
+    assert run(load_config(path), workspace / "budget").step == 2 * N
+    return workspace / "budget"
+
+
+def test_a_step_budget_decays_to_min_lr_and_resumes_exactly(workspace, corpus, budget_run):
+    lrs = {r["step"]: r["lr"] for r in read_metrics(budget_run) if "lr" in r}
+    assert lrs[10] == lrs[15] == 0.003 and lrs[20] == pytest.approx(1e-4)
+    resumed = interrupted_and_resumed(workspace, corpus, "budget_b", train=BUDGET)
+    assert_equal_weights(final_weights(budget_run, 2 * N), final_weights(resumed, 2 * N))
+
+
+class FakeClock:
+    """time.monotonic for training.py: `step` seconds further at every call (one per step)."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def monotonic(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_a_time_budget_is_decided_once_recorded_and_kept_on_resume(workspace, corpus,
+                                                                   monkeypatch):
+    import traduire.training
+
+    torch.set_num_threads(1)
+    train = {**BUDGET, "max_steps": 0, "max_time": "20s"}
+    straight = write_config(workspace / "time_a.yaml", tiny_settings(corpus, train=train))
+    monkeypatch.setattr(traduire.training, "time", FakeClock(1.0))
+    # A second a step: 10% of the 20 s have passed after step 2, at 1 step/s: 18 steps left.
+    assert run(load_config(straight), workspace / "time_a").step == 20
+    decisions = [r for r in read_metrics(workspace / "time_a") if r.get("schedule")]
+    assert decisions == [{"step": 2, "schedule": "budget", "steps_per_s": 1.0, "warmup": 10,
+                          "decay_start": 16, "end": 20}]
+    assert load_checkpoint(workspace / "time_a" / "best.pt")["train_state"]["budget"] == {
+        "warmup": 10, "decay_start": 16, "end": 20}
+
+    monkeypatch.setattr(traduire.training, "time", FakeClock(1.0))
+    path = write_config(workspace / "time_b.yaml", tiny_settings(corpus, train=train))
+    assert run(load_config(path, ["train.max_epochs=1"]), workspace / "time_b").step == 14
+    # Resumed four times as fast, with more time: estimated again, it would end much later.
+    monkeypatch.setattr(traduire.training, "time", FakeClock(0.25))
+    state = run(load_config(path, ["train.max_time=60s"]), workspace / "time_b")
+    assert state.step == 20 and state.budget == {"warmup": 10, "decay_start": 16, "end": 20}
+    assert [r for r in read_metrics(workspace / "time_b") if r.get("schedule")] == decisions
+    assert_equal_weights(final_weights(workspace / "time_a", 20),
+                         final_weights(workspace / "time_b", 20))
+
+
+@pytest.fixture(scope="module")
+def sampling_run(workspace, corpus) -> Path:
+    torch.set_num_threads(1)
+    path = write_config(workspace / "sampling.yaml", tiny_settings(
+        corpus, tokenizer=SAMPLING, train=BUDGET))
+    assert run(load_config(path), workspace / "sampling").step == 2 * N
+    return workspace / "sampling"
+
+
+def test_subword_sampling_changes_training_and_resumes_exactly(workspace, corpus, budget_run,
+                                                              sampling_run):
+    sampled, best = final_weights(sampling_run, 2 * N), final_weights(budget_run, 2 * N)
+    assert not all(torch.equal(sampled[name], best[name]) for name in best)
+    resumed = interrupted_and_resumed(workspace, corpus, "sampling_b", tokenizer=SAMPLING,
+                                      train=BUDGET)
+    assert_equal_weights(sampled, final_weights(resumed, 2 * N))
+    losses = train_losses(sampling_run)
+    assert {step: train_losses(resumed)[step] for step in (5, 10, 20)} == {
+        step: losses[step] for step in (5, 10, 20)}
+
+
+def test_validation_and_translation_use_the_best_segmentation(sampling_run, monkeypatch):
+    import sentencepiece as spm
+
+    from traduire.evaluate import validate_loss
+    from traduire.pipeline import open_encoded
+    from traduire.tokenizer import Tokenizer
+    from traduire.translate import Translator
+
+    config = load_config(sampling_run / "config.yaml")
+    tokenizer = Tokenizer.load(sampling_run / "tokenizer")
+    model = build_model(config, tokenizer)
+    model.load_state_dict(final_weights(sampling_run, 2 * N))
+    valid = open_encoded(sampling_run, "valid", max_len=config.model.max_positions)
+    loss, _ = validate_loss(model, valid, tokenizer, 256, "fp32", torch.device("cpu"))
+    assert valid_losses(sampling_run)[2 * N] == round(loss, 4)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a segmentation was sampled")
+
+    monkeypatch.setattr(spm.SentencePieceProcessor, "nbest_encode", no_sampling)
+    translator = Translator.load(sampling_run)
+    assert len(translator.translate(["a dog runs", "the big cat sleeps here"])) == 2
+
+
 # --- schedules, precision, early stopping, validation BLEU, averaging ----------------------------
 
 

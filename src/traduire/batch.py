@@ -370,6 +370,11 @@ class StepPlan:
     rank: int = 0
     world_size: int = 1
     accumulate: int = 1
+    # Subword sampling (tokenizer.SubwordSampler): (epoch, batch index, global batch, the
+    # positions of one pass in it) -> that pass's (source ids, target ids). None: the ids as
+    # encoded, the best segmentation.
+    sample: Callable[[int, int, np.ndarray, np.ndarray],
+                     tuple[list[list[int]], list[list[int]]]] | None = None
 
 
 def training_steps(data: EncodedCorpus, plan: StepPlan, epoch: int = 0, batch_in_epoch: int = 0
@@ -395,12 +400,19 @@ def training_steps(data: EncodedCorpus, plan: StepPlan, epoch: int = 0, batch_in
         upcoming = _Ahead(lambda epoch=epoch: planned(epoch + 1))
         for index in range(batch_in_epoch, len(batches)):
             global_batch = batches[index]
-            slices = np.array_split(global_batch, plan.world_size * plan.accumulate)
+            slices = np.array_split(np.arange(len(global_batch)),
+                                    plan.world_size * plan.accumulate)
             parts = []
-            for part in slices[plan.rank * plan.accumulate:(plan.rank + 1) * plan.accumulate]:
-                weight = 1.0 if len(part) else 0.0
-                part = part if len(part) else global_batch[:1]
-                parts.append((data.batch(part, pad=plan.pad, bos=plan.bos, eos=plan.eos), weight))
+            for where in slices[plan.rank * plan.accumulate:(plan.rank + 1) * plan.accumulate]:
+                weight = 1.0 if len(where) else 0.0
+                where = where if len(where) else np.zeros(1, dtype=np.int64)
+                if plan.sample is None:
+                    batch = data.batch(global_batch[where], pad=plan.pad, bos=plan.bos,
+                                       eos=plan.eos)
+                else:
+                    batch = collate(*plan.sample(epoch, index, global_batch, where),
+                                    pad=plan.pad, bos=plan.bos, eos=plan.eos)
+                parts.append((batch, weight))
             yield PlannedStep(epoch, index, len(batches), parts, data.src_lens[global_batch],
                               data.tgt_lens[global_batch])
         epoch, batch_in_epoch = epoch + 1, 0

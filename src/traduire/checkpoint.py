@@ -57,6 +57,9 @@ class TrainState:
     validations_without_improvement: int = 0
     skipped_steps: int = 0  # steps skipped for a non-finite loss
     bad_steps_in_a_row: int = 0
+    # train.schedule budget with max_time: the schedule.Budget decided from the step rate, as
+    # a dict (None: not decided yet, or not a time budget). A resumed run keeps it.
+    budget: dict[str, int] | None = None
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

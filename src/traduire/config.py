@@ -46,6 +46,14 @@ def _coverage(value: float) -> str | None:
     return None if 0.0 < value <= 1.0 else " must be in (0, 1]"
 
 
+def _unit_interval(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else f" must be in [0, 1]; got {value}"
+
+
+def _at_least_two(value: int) -> str | None:
+    return None if value >= 2 else f" must be at least 2; got {value}"
+
+
 def _duration(value: str) -> str | None:
     try:
         parse_duration(value)
@@ -106,6 +114,13 @@ class TokenizerConfig:
     unk_id: int = 1
     bos_id: int = 2
     eos_id: int = 3
+    # Subword regularisation (Kudo 2018), unigram models only: each epoch, each training source
+    # takes one of its sample_nbest most probable segmentations, drawn with probability
+    # P(segmentation)^sample_alpha (0 or null: off, the best one as encoded). Validation,
+    # translate and eval always use the best segmentation.
+    sample_alpha: Annotated[float, _unit_interval] | None = 0.0
+    sample_nbest: Annotated[int, _at_least_two] = 64
+    sample_target: bool = False  # sample the target side's segmentations too
 
 
 @dataclass(frozen=True)
@@ -154,8 +169,13 @@ class TrainConfig:
     max_len: Positive[int] = 256  # training pairs with more tokens on either side are skipped
     lr: Positive[float] = 1e-3  # peak learning rate, reached at the end of warmup
     warmup_steps: NonNegative[int] = 4000
-    schedule: Literal["inverse_sqrt", "cosine", "linear"] = "inverse_sqrt"
+    # budget: warmup, the peak, and a linear decay over the last decay_fraction of the budget
+    # (max_steps, or the steps max_time is estimated to hold: see schedule.py).
+    schedule: Literal["inverse_sqrt", "cosine", "linear", "budget"] = "inverse_sqrt"
     decay_steps: NonNegative[int] = 0  # cosine/linear: steps to reach min_lr (0: max_steps)
+    decay_fraction: Annotated[float, _coverage] = 0.2  # budget: share of the budget decaying
+    # budget: the warmup as a share of max_steps, instead of warmup_steps (null: warmup_steps)
+    warmup_fraction: Probability | None = None
     min_lr: NonNegative[float] = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-9
@@ -204,6 +224,11 @@ class TrainConfig:
 # computed, not learned) may change.
 ARCHITECTURE_KEYS = ("layers", "encoder_layers", "decoder_layers", "d_model", "heads", "ffn_dim",
                      "activation", "norm", "share_embeddings", "scale_embedding", "output_bias")
+
+# Keys of `tokenizer` that change the training batches, not the vocabulary: they are settings
+# of the model stage, not of the tokenizer stage, so changing them never trains SentencePiece
+# or encodes the corpus again (the stored ids are the best segmentation either way).
+SAMPLING_KEYS = frozenset({"sample_alpha", "sample_nbest", "sample_target"})
 
 # Keys of `train` that bound or observe a run without changing what it computes: they may differ
 # between runs of one run directory and are applied on resume.
@@ -381,16 +406,52 @@ def _check_values(config: Config, origin: str) -> None:
         raise ConfigError(f"{origin}: 'data.dir' is required when data.source is 'files'")
     if config.data.source == "hub" and not config.data.hub_name:
         raise ConfigError(f"{origin}: 'data.hub_name' is required when data.source is 'hub'")
-    if config.train.schedule != "inverse_sqrt" and not (config.train.decay_steps
-                                                        or config.train.max_steps):
+    if config.train.schedule in ("cosine", "linear") and not (config.train.decay_steps
+                                                              or config.train.max_steps):
         raise ConfigError(f"{origin}: 'train.schedule: {config.train.schedule}' needs "
                           "'train.decay_steps' or 'train.max_steps' to know when to end")
+    _check_schedule(config.train, origin)
+    if config.tokenizer.sample_alpha and config.tokenizer.model_type != "unigram":
+        # SentencePiece's own sampling (and BPE-dropout) draws from a random generator whose
+        # draws a seed does not repeat from one process to the next: traduire samples from
+        # the n-best list itself (tokenizer.SubwordSampler), which only unigram models have.
+        raise ConfigError(f"{origin}: 'tokenizer.sample_alpha' needs 'tokenizer.model_type: "
+                          "unigram': a BPE model has no n-best segmentations "
+                          "('tokenizer.sample_nbest') to sample from reproducibly")
     if config.train.average_last > config.train.keep_last:
         raise ConfigError(f"{origin}: 'train.average_last' ({config.train.average_last}) "
                           f"cannot exceed 'train.keep_last' ({config.train.keep_last}), the "
                           "checkpoints kept to average")
     if config.train.best_metric == "bleu" and not config.train.valid_bleu:
         raise ConfigError(f"{origin}: 'train.best_metric: bleu' needs 'train.valid_bleu: true'")
+
+
+def _check_schedule(train: TrainConfig, origin: str) -> None:
+    """The keys of `train.schedule: budget`, which decays over the end of a step or time
+    budget."""
+    if train.schedule != "budget":
+        if train.warmup_fraction is not None:
+            raise ConfigError(f"{origin}: 'train.warmup_fraction' is a share of the budget of "
+                              "'train.schedule: budget'; other schedules take "
+                              "'train.warmup_steps'")
+        return
+    if not (train.max_steps or train.max_time):
+        raise ConfigError(f"{origin}: 'train.schedule: budget' needs 'train.max_steps' or "
+                          "'train.max_time': the budget whose end it decays towards")
+    if train.decay_steps:
+        raise ConfigError(f"{origin}: 'train.decay_steps' is for cosine and linear; "
+                          "'train.schedule: budget' decays over 'train.decay_fraction' of "
+                          "the budget")
+    if train.warmup_fraction is not None and not train.max_steps:
+        # With max_time alone the steps are estimated only once training has run a while,
+        # but the warmup's slope is needed from the first step.
+        raise ConfigError(f"{origin}: 'train.warmup_fraction' needs 'train.max_steps' (with "
+                          "'train.max_time' alone the number of steps is not known when the "
+                          "warmup begins); give 'train.warmup_steps' instead")
+    if (train.warmup_fraction or 0.0) + train.decay_fraction > 1:
+        raise ConfigError(f"{origin}: 'train.warmup_fraction' ({train.warmup_fraction}) and "
+                          f"'train.decay_fraction' ({train.decay_fraction}) add up to more "
+                          "than the budget")
 
 
 def _checks(hint: Any) -> tuple[Callable[[Any], str | None], ...]:

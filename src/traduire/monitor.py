@@ -152,6 +152,12 @@ class Monitor:
             + f" | {clock(record['elapsed'])}", highlight=False)
         self._write(record, "train")
 
+    def schedule_record(self, record: dict[str, Any]) -> None:
+        """A decision of the learning-rate schedule (schedule.py), kept in metrics.jsonl."""
+        if self.enabled:
+            self._write(record, "schedule")
+            self.sync()
+
     def valid_record(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return

@@ -45,8 +45,10 @@ from traduire import distributed
 from traduire.batch import EncodedCorpus, is_encoded, save_encoded
 from traduire.config import (
     BOUND_KEYS,
+    SAMPLING_KEYS,
     Config,
     DataConfig,
+    TokenizerConfig,
     changed_keys,
     fingerprint,
     load_config,
@@ -296,9 +298,15 @@ def stage_settings(config: Config, stage: str) -> dict[str, Any]:
     if stage == "tokenizer":
         if config.train.init_from:  # the source's tokenizer, whatever the section says
             return {"tokenizer": {"init_from": config.train.init_from}}
-        return {"tokenizer": asdict(config.tokenizer)}
+        return {"tokenizer": {k: v for k, v in asdict(config.tokenizer).items()
+                              if k not in SAMPLING_KEYS}}
     train_settings = {k: v for k, v in asdict(config.train).items() if k not in BOUND_KEYS}
-    return {"model": asdict(config.model), "train": train_settings}
+    # Sampling changes what the model trains on: a run resumed with other sampling keys
+    # would not continue the run it resumes, so they are the model stage's settings. Off
+    # (sample_alpha 0 or null), the others do nothing: recorded at their defaults.
+    sampled = config.tokenizer if config.tokenizer.sample_alpha else TokenizerConfig()
+    sampling = {k: getattr(sampled, k) for k in sorted(SAMPLING_KEYS)}
+    return {"model": asdict(config.model), "train": train_settings, "tokenizer": sampling}
 
 
 # --- The run directory -------------------------------------------------------------------------
@@ -342,7 +350,8 @@ def check_run_dir(run_dir: Path, config: Config, overwrite: bool,
         record = _read_record(run_dir, stage)
         if record is None:
             continue
-        changed = changed_keys(record["settings"], stage_settings(config, stage))
+        settings = stage_settings(config, stage)
+        changed = changed_keys(_with_added_keys(record["settings"], settings, stage), settings)
         if not changed:
             continue
         if overwrite:
@@ -352,6 +361,24 @@ def check_run_dir(run_dir: Path, config: Config, overwrite: bool,
             f"{', '.join(changed)}. Use --overwrite to redo the {stage} stage and those after it "
             f"(old outputs are moved to {run_dir / 'old'}), or choose another --run-dir")
     return None
+
+
+def _with_added_keys(recorded: dict[str, Any], settings: dict[str, Any], stage: str
+                     ) -> dict[str, Any]:
+    """A stage record with the keys of `settings` it lacks filled in at their defaults: keys
+    added to traduire after the stage ran, which a config that leaves them at their default
+    computes as that run did (a record written before `train.decay_fraction` existed still
+    matches a config that does not set it)."""
+    defaults = stage_settings(Config(), stage)
+    filled = dict(recorded)
+    for section, values in settings.items():
+        old = recorded.get(section, {})
+        if not isinstance(values, dict) or not isinstance(old, dict):
+            continue
+        added = {k: v for k, v in defaults.get(section, {}).items() if k in values
+                 and k not in old}
+        filled[section] = {**added, **old}
+    return filled
 
 
 def _start(run_dir: Path, config: Config, redo: str | None) -> None:

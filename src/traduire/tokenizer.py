@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -26,6 +26,9 @@ from traduire.config import TokenizerConfig
 from traduire.errors import ConfigError, TraduireError
 from traduire.files import atomic_write_bytes
 from traduire.runtime import processes
+
+if TYPE_CHECKING:
+    from traduire.batch import EncodedCorpus
 
 
 class Tokenizer:
@@ -110,6 +113,19 @@ class Tokenizer:
         return [self.tgt.decode_pieces(self.tgt_pieces([i for i in row if i not in control]))
                 .replace("\u2581", " ").strip() for row in ids]
 
+    def processor(self, side: str) -> spm.SentencePieceProcessor:
+        """The SentencePiece model of a side, "src" or "tgt"."""
+        return self.src if side == "src" else self.tgt
+
+    def ids_of(self, side: str, rows: list[list[int]]) -> list[list[int]]:
+        """SentencePiece ids of a side as this tokenizer's ids: the same, unless a Vocabulary
+        gives the pieces other ids."""
+        if self.vocabulary is None:
+            return rows
+        processor = self.processor(side)
+        pieces = [[processor.id_to_piece(i) for i in row] for row in rows]
+        return (self.vocabulary.src_ids if side == "src" else self.vocabulary.tgt_ids)(pieces)
+
     def src_pieces(self, ids: list[int]) -> list[str]:
         if self.vocabulary is not None:
             return [self.vocabulary.src[i] for i in ids]
@@ -119,6 +135,75 @@ class Tokenizer:
         if self.vocabulary is not None:
             return [self.vocabulary.tgt[i] for i in ids]
         return [self.tgt.id_to_piece(i) for i in ids]
+
+
+class SubwordSampler:
+    """Sampled segmentations of training pairs: subword regularisation (Kudo 2018, section 3),
+    what `tokenizer.sample_alpha` turns on. Called by batch.training_steps for every pass of a
+    training step (in the background thread that builds batches, where there is one).
+
+    Each sentence takes one of its `sample_nbest` most probable segmentations under the
+    unigram model, with probability P(segmentation)^alpha over the list (Kudo's l-best
+    sampling), chosen by a uniform draw of its own: the draw of the sentence at position j of
+    batch i of epoch e is the j-th of a stream seeded by (train.seed, e, i). The same seed
+    thus gives the same segmentations in any process or thread, at any world size or number
+    of passes, and a resumed run draws what the run it continues would have drawn.
+    SentencePiece's own sampling is not used: its seed does not repeat its draws from one
+    process to the next.
+
+    A segmentation longer than the model takes (`max_len`, EOS included) is never drawn; the
+    best one always fits (the batch plan counts its length). Sampled segmentations are usually
+    a little longer than the best, so a batch may exceed train.batch_tokens a little: the plan
+    keeps the best segmentation's lengths, which the encoded corpus holds."""
+
+    STREAM = 7  # sets the draws apart from the batch order's stream, seeded by (seed, epoch)
+
+    def __init__(self, tokenizer: Tokenizer, corpus: EncodedCorpus, cfg: TokenizerConfig,
+                 seed: int, max_len: int) -> None:
+        self.tokenizer, self.corpus, self.seed, self.max_len = tokenizer, corpus, seed, max_len
+        self.alpha, self.nbest, self.target = cfg.sample_alpha, cfg.sample_nbest, cfg.sample_target
+        for side in ("src", "tgt") if self.target else ("src",):
+            try:  # the config checks model_type; a tokenizer of train.init_from may differ
+                tokenizer.processor(side).nbest_encode("a", nbest_size=2)
+            except RuntimeError:
+                raise ConfigError("'tokenizer.sample_alpha' needs a unigram SentencePiece "
+                                  "model: this run's tokenizer has no n-best segmentations "
+                                  "('tokenizer.sample_nbest') to sample from") from None
+        self._log_probs = {side: _log_probs(tokenizer.processor(side)) for side in ("src", "tgt")}
+
+    def __call__(self, epoch: int, index: int, global_batch: np.ndarray, where: np.ndarray
+                 ) -> tuple[list[list[int]], list[list[int]]]:
+        """Source and target ids of the sentences at positions `where` of the global batch
+        `index` of `epoch`: sampled (the target only with sample_target), or as encoded."""
+        draws = np.random.default_rng([self.seed, epoch, index, self.STREAM]).random(
+            (2, len(global_batch)))[:, where]
+        rows = global_batch[where]
+        src = self.sample(self.corpus.texts(rows, "src"), "src", draws[0])
+        tgt = (self.sample(self.corpus.texts(rows, "tgt"), "tgt", draws[1]) if self.target
+               else self.corpus.target_ids(rows))
+        return src, tgt
+
+    def sample(self, texts: list[str], side: str, draws: np.ndarray) -> list[list[int]]:
+        """One segmentation of each text ("src" or "tgt" side), chosen by its draw in [0, 1)."""
+        processor, log_probs = self.tokenizer.processor(side), self._log_probs[side]
+        chosen = []
+        for nbest, u in zip(processor.nbest_encode(texts, nbest_size=self.nbest), draws):
+            fits = [ids for ids in nbest if len(ids) < self.max_len] or nbest[:1] or [[]]
+            scores = np.array([log_probs[ids].sum() for ids in fits])
+            weights = np.cumsum(np.exp(self.alpha * (scores - scores.max())))
+            pick = min(int(np.searchsorted(weights, u * weights[-1], side="right")), len(fits) - 1)
+            chosen.append(fits[pick])
+        return self.tokenizer.ids_of(side, chosen)
+
+
+def _log_probs(processor: spm.SentencePieceProcessor) -> np.ndarray:
+    """Each piece's log-probability as the unigram model scores a segmentation: <unk> at the
+    lowest piece's score less 10, the penalty SentencePiece's lattice gives it."""
+    scores = np.array([processor.get_score(i) for i in range(processor.get_piece_size())])
+    normal = [i for i in range(len(scores)) if not (processor.is_control(i)
+                                                    or processor.is_unknown(i))]
+    scores[processor.unk_id()] = scores[normal].min() - 10.0
+    return scores
 
 
 VOCABULARY_FILE = "vocab.json"

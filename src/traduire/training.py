@@ -52,7 +52,7 @@ from traduire.checkpoint import (
     training_checkpoint,
     weights_digest,
 )
-from traduire.config import Config, TrainConfig, parse_duration
+from traduire.config import Config, parse_duration
 from traduire.device import AUTOCAST_DTYPES, resolve_device, training_precision
 from traduire.errors import CheckpointError, TraduireError
 from traduire.evaluate import validate_bleu, validate_loss
@@ -60,23 +60,8 @@ from traduire.finetune import load_initial_weights, record_origin
 from traduire.loading import build_model
 from traduire.loss import token_cross_entropy
 from traduire.monitor import ModelFlops, Monitor, Window, gpu_memory_gib, peak_flops
-from traduire.tokenizer import Tokenizer
-
-
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """The learning rate of `step` (1-based): a linear warmup to train.lr over warmup_steps,
-    then the configured decay: inverse_sqrt (Vaswani et al., section 5.3: lr * sqrt(warmup /
-    step)), or cosine or linear to min_lr at decay_steps (0: max_steps)."""
-    step = max(step, 1)
-    if step < cfg.warmup_steps:
-        return cfg.lr * step / cfg.warmup_steps
-    if cfg.schedule == "inverse_sqrt":
-        return cfg.lr * math.sqrt(max(cfg.warmup_steps, 1) / step)
-    end = cfg.decay_steps or cfg.max_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(end - cfg.warmup_steps, 1))
-    if cfg.schedule == "cosine":
-        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 - progress)
+from traduire.schedule import Budget, decision_due, learning_rate, time_budget
+from traduire.tokenizer import SubwordSampler, Tokenizer
 
 
 class Trainer:
@@ -130,6 +115,10 @@ class Trainer:
         self.flops = ModelFlops(self.model)
         self.writer = CheckpointWriter()  # rank 0's checkpoints, written in the background
         self._best_due = False  # validation improved: best.pt goes with the next save
+        # (step, elapsed) after this process's first step, from which a time budget's step
+        # rate is measured: the first step carries one-off costs (allocation, compilation).
+        self._rate_from: tuple[int, float] | None = None
+        self._budget_due = 0  # the ranks' agreement that a time budget decides now
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -147,20 +136,30 @@ class Trainer:
             + (f" x {self.dist.world_size} ranks" if self.dist.enabled else "")
             + f", {self.precision}"
             + (f", resuming at step {self.state.step}" if self.state.step else ""))
+        if self.state.budget:
+            self.monitor.info(f"schedule: the time budget decided before ends at step "
+                              f"{self.state.budget['end']} (decay from step "
+                              f"{self.state.budget['decay_start']})")
         tok = self.tokenizer
+        sampler = (SubwordSampler(tok, self.train_data, self.config.tokenizer, self.cfg.seed,
+                                  min(self.cfg.max_len, self.config.model.max_positions))
+                   if self.config.tokenizer.sample_alpha else None)
         plan = StepPlan(batch_tokens=self.cfg.batch_tokens, seed=self.cfg.seed, pad=tok.pad_id,
                         bos=tok.bos_id, eos=tok.eos_id, rank=self.dist.rank,
-                        world_size=self.dist.world_size, accumulate=self.cfg.accumulate)
+                        world_size=self.dist.world_size, accumulate=self.cfg.accumulate,
+                        sample=sampler)
         steps: Iterator[PlannedStep] = training_steps(self.train_data, plan, self.state.epoch,
                                                       self.state.batch_in_epoch)
         if self.cfg.compile and self.cfg.compile_multiple > 1:
             steps = rounded_steps(steps, self.cfg.compile_multiple, tok.pad_id)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" or sampler is not None:
             # The next batches are gathered, padded and pinned while the GPU works, so that
             # the copy to the device is asynchronous. Not on a CPU: its cores all compute the
             # step, and a thread building batches beside them took more of the step (in CPU
-            # time and hand-overs of Python's interpreter lock) than building them in turn.
-            steps = Prefetcher(steps, pin=True)
+            # time and hand-overs of Python's interpreter lock) than building them in turn;
+            # except with subword sampling, whose n-best search for every sentence is work
+            # of its own that would otherwise stand between one step and the next.
+            steps = Prefetcher(steps, pin=self.device.type == "cuda")
         try:
             with self.stop_request, self.monitor, contextlib.closing(steps):
                 stopped_by = self._loop(iter(steps))
@@ -187,6 +186,8 @@ class Trainer:
             if self.state.batch_in_epoch == planned.epoch_batches:
                 self.state.epoch, self.state.batch_in_epoch = planned.epoch + 1, 0
             self.state.elapsed = time.monotonic() - start
+            if self._rate_from is None:
+                self._rate_from = (self.state.step, self.state.elapsed)
             window.add(loss, int(planned.src_lengths.sum()), int(planned.tgt_lengths.sum()),
                        self.flops(planned.src_lengths, planned.tgt_lengths))
             self.monitor.advance(self.state.step)
@@ -215,7 +216,8 @@ class Trainer:
         self.net.train()
         if self.dist.enabled:  # the ranks agree on stopping while the step computes
             self._agreement = distributed.Agreement(
-                [int(self.state.elapsed >= self.max_time), self.stop_request.signal_number])
+                [int(self.state.elapsed >= self.max_time), self.stop_request.signal_number,
+                 int(decision_due(self.cfg, self.state.step, self.state.elapsed))])
         loss_sum = torch.zeros((), device=self.device)
         for i, (batch, weight) in enumerate(parts):
             batch = batch.to(self.device)
@@ -251,7 +253,7 @@ class Trainer:
         and counted."""
         self.state.step += 1
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.state.step, self.cfg)
+            group["lr"] = learning_rate(self.state.step, self.cfg, self._budget())
         bad = ~torch.isfinite(loss_sum)
         self.grad_norm = None
         if self.cfg.clip_norm > 0 or self.state.step % self.cfg.log_every == 0:
@@ -288,13 +290,44 @@ class Trainer:
         step, which has run while the step computed (a signal or the time limit reached during
         a step stops the run after the next one)."""
         if not self.dist.enabled:
+            if decision_due(self.cfg, self.state.step, self.state.elapsed):
+                self._decide_budget()
             return int(self._done()), self.stop_request.signal_number
-        out_of_time, stopped_by = self._agreement.result()
+        out_of_time, stopped_by, budget_due = self._agreement.result()
+        # The step budget's part of decision_due is the same on every rank: no need to wait.
+        if budget_due or decision_due(self.cfg, self.state.step, 0.0):
+            self._decide_budget()
         return int(self._done(clock=False) or out_of_time), stopped_by
+
+    def _decide_budget(self) -> None:
+        """Fix a time budget's end from the step rate measured since this process's first
+        step (rank 0's, seen by every rank), and record it: from now on the schedule decays
+        towards it, training stops there, and a resumed run keeps it."""
+        if self.state.budget is not None:
+            return
+        s = self.state
+        first_step, first_elapsed = self._rate_from or (0, 0.0)
+        if s.step > first_step and s.elapsed > first_elapsed:
+            rate = (s.step - first_step) / (s.elapsed - first_elapsed)
+        else:  # decided after this process's first step: that step is all there is
+            rate = s.step / max(s.elapsed, 1e-9)
+        rate = distributed.broadcast_value(rate)
+        budget = time_budget(self.cfg, s.step, distributed.broadcast_value(s.elapsed), rate)
+        s.budget = vars(budget).copy()
+        self.monitor.schedule_record({"step": s.step, "schedule": "budget",
+                                      "steps_per_s": round(rate, 4), **s.budget})
+        self.monitor.info(f"schedule: at {rate:.3g} steps/s the time budget ends at step "
+                          f"{budget.end}; the learning rate decays from step "
+                          f"{budget.decay_start}")
+
+    def _budget(self) -> Budget | None:
+        """The decided time budget of a budget schedule (None: the step budget's, if any)."""
+        return Budget(**self.state.budget) if self.state.budget else None
 
     def _done(self, clock: bool = True) -> bool:
         c, s = self.cfg, self.state
         return bool((c.max_steps and s.step >= c.max_steps)
+                    or (s.budget and s.step >= s.budget["end"])
                     or (c.max_epochs and s.epoch >= c.max_epochs)
                     or (clock and s.elapsed >= self.max_time)
                     or (c.patience and s.validations_without_improvement >= c.patience))
@@ -308,7 +341,7 @@ class Trainer:
         loss_sum, counted = window.read()
         record = {"step": self.state.step,
                   "epoch": self.state.epoch + (self.state.batch_in_epoch > 0),
-                  "lr": learning_rate(self.state.step, self.cfg),
+                  "lr": learning_rate(self.state.step, self.cfg, self._budget()),
                   **window.summary(loss_sum, counted, peak_flops(self.device),
                                    self.dist.world_size),
                   "grad_norm": (round(float(self.grad_norm.item()), 4)
