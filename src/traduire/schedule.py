@@ -1,6 +1,6 @@
 """The learning-rate schedule: a linear warmup, then inverse_sqrt, cosine, linear or budget.
 
-`budget` is warmup-stable-decay (Hu et al. 2024, "MiniCPM", section 4): warm up, hold the
+`budget` is warmup-stable-decay (Hu et al. 2024, "MiniCPM"): warm up, hold the
 peak, and decay linearly to min_lr over the last `train.decay_fraction` of the run's budget.
 With `train.max_steps` the budget is known from the start. With `train.max_time` it is not:
 the step training will end at is estimated once, from the measured step rate, when
@@ -55,7 +55,7 @@ def learning_rate(step: int, cfg: TrainConfig, budget: Budget | None = None) -> 
 def _budget_rate(step: int, cfg: TrainConfig, budget: Budget | None) -> float:
     # The stable phase holds the peak rather than decaying as 1/sqrt(step): a constant rate
     # presupposes no end, so the decay can start wherever the budget turns out to end, and a
-    # short decay from the peak matches a schedule tuned to the run's length (MiniCPM, 4.1).
+    # short decay from the peak does as well as a schedule tuned to the run's length (MiniCPM).
     warmup = budget.warmup if budget else warmup_steps(cfg)
     rate = cfg.lr * min(1.0, step / warmup) if warmup else cfg.lr
     if budget is None or step <= budget.decay_start:
