@@ -79,6 +79,27 @@ def test_two_ranks_with_half_batches_equal_one_rank_with_whole(tmp_path, corpus_
     assert any(not torch.equal(single[k], v) for k, v in after_one_step["model"].items())
 
 
+def test_two_ranks_sample_and_decide_a_budget_as_one_rank_does(tmp_path, corpus_dir):
+    """Subword sampling draws per sentence, whichever rank trains it; the budget schedule's
+    decision (here the step budget's decay, at step 8, ends first: max_time is an hour) is
+    taken on every rank at the same step."""
+    settings = tiny_settings(corpus_dir, model={"dropout": 0.0},
+                             tokenizer={"sample_alpha": 0.5, "sample_nbest": 8},
+                             train={"batch_tokens": 512, "threads": 1, "adam_eps": 1e-3,
+                                    "max_steps": 10, "max_time": "1h", "schedule": "budget",
+                                    "warmup_steps": 2, "save_every": 10, "valid_every": 10})
+    config_path = write_config(tmp_path / "sampled.yaml", settings)
+    run(load_config(config_path), tmp_path / "one")
+    result = torchrun(2, ["train", "-c", str(config_path), "-r", str(tmp_path / "two")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
+    for name in ("one", "two"):
+        records = [json.loads(line) for line in
+                   (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        decided = [(r["step"], r["decay_start"], r["end"]) for r in records if "schedule" in r]
+        assert decided == [(8, 8, 10)], name
+
+
 def test_resume_at_another_world_size_continues_the_same_run(tmp_path, corpus_dir):
     config_path = deterministic_config(tmp_path, corpus_dir, max_steps=6, save_every=3,
                                        valid_every=3)
