@@ -118,7 +118,6 @@ class Trainer:
         # (step, elapsed) after this process's first step, from which a time budget's step
         # rate is measured: the first step carries one-off costs (allocation, compilation).
         self._rate_from: tuple[int, float] | None = None
-        self._budget_due = 0  # the ranks' agreement that a time budget decides now
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -288,7 +287,8 @@ class Trainer:
         same on every rank. Step, epoch and validations are the same on every rank; the clock
         and signals are not: the ranks agree on them through the Agreement started with the
         step, which has run while the step computed (a signal or the time limit reached during
-        a step stops the run after the next one)."""
+        a step stops the run after the next one). A time budget not yet decided is decided
+        first (its end may be this step), by the same agreement."""
         if not self.dist.enabled:
             if decision_due(self.cfg, self.state.step, self.state.elapsed):
                 self._decide_budget()
