@@ -5,8 +5,8 @@ traduire's own schedule functions, into docs/schedule.png (needs matplotlib).
 
 The step rates are assumptions, not measurements made here: those of the two runs the README
 reports on 2 CPU cores (the quickstart: 719 steps in 9 minutes; Multi30k: 2,205 steps in 30
-minutes), held constant. Each budget is decided as the trainer decides it: when
-schedule.DECIDE_AT of max_time has passed, from the steps done by then. The shipped schedule
+minutes), held constant. Each budget is decided as the trainer decides it: at
+schedule.decision_time, from the steps done by then. The shipped schedule
 (inverse_sqrt) is drawn beside each for comparison.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from traduire.config import load_config, parse_duration  # noqa: E402
-from traduire.schedule import DECIDE_AT, learning_rate, time_budget  # noqa: E402
+from traduire.config import load_config  # noqa: E402
+from traduire.schedule import decision_time, learning_rate, time_budget  # noqa: E402
 
 RUNS = [("configs/quickstart-en-fr.yaml", 719 / (9 * 60)),
         ("configs/multi30k-en-fr.yaml", 2205 / (30 * 60))]
@@ -42,8 +42,7 @@ def main() -> None:
     for ax, (path, rate) in zip(axes, RUNS):
         shipped = load_config(ROOT / path).train
         cfg = load_config(ROOT / path, ["train.schedule=budget"]).train
-        seconds = parse_duration(cfg.max_time)
-        decided_after = DECIDE_AT * seconds
+        decided_after = decision_time(cfg)
         budget = time_budget(cfg, int(rate * decided_after), decided_after, rate)
         steps = range(1, budget.end + 1)
         minutes = [step / rate / 60 for step in steps]

@@ -8,9 +8,12 @@ import pytest
 from traduire.config import TrainConfig
 from traduire.schedule import (
     DECIDE_AT,
+    DECIDE_AT_LEAST,
     Budget,
     decision_due,
+    decision_time,
     learning_rate,
+    rate_from_time,
     step_budget,
     time_budget,
 )
@@ -70,10 +73,16 @@ def test_an_undecided_time_budget_holds_the_peak_after_warmup():
     assert learning_rate(100, cfg) == learning_rate(10**6, cfg) == PEAK
 
 
-def test_a_time_budget_decides_at_a_tenth_of_the_time_or_when_the_step_budget_decays():
-    time_only = budget_cfg(max_steps=0, max_time="10m")
-    assert not decision_due(time_only, 10**6, DECIDE_AT * 600 - 0.1)
-    assert decision_due(time_only, 1, DECIDE_AT * 600)
+def test_a_time_budget_decides_halfway_to_its_decay_or_when_the_step_budget_decays():
+    time_only = budget_cfg(max_steps=0, max_time="10m", decay_fraction=0.2)
+    # Halfway to the decay at 80% of the time; the rate measured over the second half of that.
+    assert decision_time(time_only) == pytest.approx(DECIDE_AT * 0.8 * 600) == 240
+    assert rate_from_time(time_only) == pytest.approx(120)
+    assert not decision_due(time_only, 10**6, 239.9)
+    assert decision_due(time_only, 1, 240.0)
+    # A decay over most of the budget: still no sooner than a tenth of the time in.
+    assert decision_time(budget_cfg(max_steps=0, max_time="10m", decay_fraction=0.9)) == (
+        pytest.approx(DECIDE_AT_LEAST * 600))
     both = budget_cfg(max_steps=1000, max_time="10h")
     assert not decision_due(both, 799, 1.0) and decision_due(both, 800, 1.0)
     # A step budget alone never decides anything at run time; nor do other schedules.

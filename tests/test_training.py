@@ -273,10 +273,11 @@ def test_a_time_budget_is_decided_once_recorded_and_kept_on_resume(workspace, co
     train = {**BUDGET, "max_steps": 0, "max_time": "20s"}
     straight = write_config(workspace / "time_a.yaml", tiny_settings(corpus, train=train))
     monkeypatch.setattr(traduire.training, "time", FakeClock(1.0))
-    # A second a step: 10% of the 20 s have passed after step 2, at 1 step/s: 18 steps left.
+    # A second a step: decided 8 s in (halfway to the decay, which starts 16 s in), at the rate
+    # measured from 4 s on, 1 step/s: 12 steps left.
     assert run(load_config(straight), workspace / "time_a").step == 20
     decisions = [r for r in read_metrics(workspace / "time_a") if r.get("schedule")]
-    assert decisions == [{"step": 2, "schedule": "budget", "steps_per_s": 1.0, "warmup": 10,
+    assert decisions == [{"step": 8, "schedule": "budget", "steps_per_s": 1.0, "warmup": 10,
                           "decay_start": 16, "end": 20}]
     assert load_checkpoint(workspace / "time_a" / "best.pt")["train_state"]["budget"] == {
         "warmup": 10, "decay_start": 16, "end": 20}

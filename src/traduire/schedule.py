@@ -3,9 +3,9 @@
 `budget` is warmup-stable-decay (Hu et al. 2024, "MiniCPM"): warm up, hold the
 peak, and decay linearly to min_lr over the last `train.decay_fraction` of the run's budget.
 With `train.max_steps` the budget is known from the start. With `train.max_time` it is not:
-the step training will end at is estimated once, from the measured step rate, when
-DECIDE_AT of the time has passed (or sooner, when a step budget's decay would begin), and
-from then on it is fixed: the Trainer records the `Budget` in the training state and in
+the step training will end at is estimated once, from the step rate measured over a stretch
+of steady training (`decision_time`; sooner when a step budget's decay would begin), and from
+then on it is fixed: the Trainer records the `Budget` in the training state and in
 metrics.jsonl, and a resumed run continues that decay instead of estimating again.
 """
 
@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 from traduire.config import TrainConfig, parse_duration
 
-# Share of train.max_time after which a time budget's end is estimated. Late enough that the
-# first steps' one-off costs (allocation, compilation) weigh little in the measured rate, and
-# early enough that the decay, the last decay_fraction of the run, has not begun.
-DECIDE_AT = 0.1
+# A time budget's end is estimated halfway to where its decay would begin (at least a tenth of
+# train.max_time in), from the step rate of the second half of that stretch: late enough that
+# the first steps' one-off costs are left out (on a CPU, bf16 kernels built for each new batch
+# shape can run the first hundred steps at a third of the steady speed), early enough that the
+# decay has not begun.
+DECIDE_AT, DECIDE_AT_LEAST = 0.5, 0.1
 
 
 @dataclass(frozen=True)
@@ -86,14 +88,27 @@ def step_budget(cfg: TrainConfig) -> Budget | None:
     return Budget(warmup_steps(cfg), decay_start(cfg.max_steps, cfg), cfg.max_steps)
 
 
+def decision_time(cfg: TrainConfig) -> float:
+    """Seconds into max_time after which a time budget is decided: DECIDE_AT of the way to
+    where its decay would begin, and no sooner than DECIDE_AT_LEAST of max_time. The step rate
+    is measured from half that time on (rate_from_time)."""
+    share = max(DECIDE_AT_LEAST, DECIDE_AT * (1 - cfg.decay_fraction))
+    return share * parse_duration(cfg.max_time)
+
+
+def rate_from_time(cfg: TrainConfig) -> float:
+    """Seconds into max_time from which the step rate of a time budget is measured."""
+    return decision_time(cfg) / 2 if cfg.schedule == "budget" and cfg.max_time else 0.0
+
+
 def decision_due(cfg: TrainConfig, step: int, elapsed: float) -> bool:
     """Whether a budget schedule with a time budget, not yet decided, decides after `step`:
-    DECIDE_AT of max_time has passed, or the step budget's own decay is about to begin (with
+    decision_time has passed, or the step budget's own decay is about to begin (with
     max_steps too: then the decision says which of the two ends first)."""
     if cfg.schedule != "budget" or not cfg.max_time:
         return False
     steps = step_budget(cfg)
-    return (elapsed >= DECIDE_AT * parse_duration(cfg.max_time)
+    return (elapsed >= decision_time(cfg)
             or (steps is not None and step >= steps.decay_start))
 
 

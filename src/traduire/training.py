@@ -60,7 +60,13 @@ from traduire.finetune import load_initial_weights, record_origin
 from traduire.loading import build_model
 from traduire.loss import token_cross_entropy
 from traduire.monitor import ModelFlops, Monitor, Window, gpu_memory_gib, peak_flops
-from traduire.schedule import Budget, decision_due, learning_rate, time_budget
+from traduire.schedule import (
+    Budget,
+    decision_due,
+    learning_rate,
+    rate_from_time,
+    time_budget,
+)
 from traduire.tokenizer import SubwordSampler, Tokenizer
 
 
@@ -115,9 +121,11 @@ class Trainer:
         self.flops = ModelFlops(self.model)
         self.writer = CheckpointWriter()  # rank 0's checkpoints, written in the background
         self._best_due = False  # validation improved: best.pt goes with the next save
-        # (step, elapsed) after this process's first step, from which a time budget's step
-        # rate is measured: the first step carries one-off costs (allocation, compilation).
+        # (step, elapsed) from which a time budget's step rate is measured: after the first
+        # step of this process past rate_from_time (a process's first step carries one-off
+        # costs: allocation, compilation).
         self._rate_from: tuple[int, float] | None = None
+        self._rate_from_time = rate_from_time(self.cfg)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -185,7 +193,7 @@ class Trainer:
             if self.state.batch_in_epoch == planned.epoch_batches:
                 self.state.epoch, self.state.batch_in_epoch = planned.epoch + 1, 0
             self.state.elapsed = time.monotonic() - start
-            if self._rate_from is None:
+            if self._rate_from is None and self.state.elapsed >= self._rate_from_time:
                 self._rate_from = (self.state.step, self.state.elapsed)
             window.add(loss, int(planned.src_lengths.sum()), int(planned.tgt_lengths.sum()),
                        self.flops(planned.src_lengths, planned.tgt_lengths))
@@ -300,8 +308,8 @@ class Trainer:
         return int(self._done(clock=False) or out_of_time), stopped_by
 
     def _decide_budget(self) -> None:
-        """Fix a time budget's end from the step rate measured since this process's first
-        step (rank 0's, seen by every rank), and record it: from now on the schedule decays
+        """Fix a time budget's end from the step rate measured since `_rate_from` (rank 0's,
+        seen by every rank), and record it: from now on the schedule decays
         towards it, training stops there, and a resumed run keeps it."""
         if self.state.budget is not None:
             return
@@ -309,7 +317,7 @@ class Trainer:
         first_step, first_elapsed = self._rate_from or (0, 0.0)
         if s.step > first_step and s.elapsed > first_elapsed:
             rate = (s.step - first_step) / (s.elapsed - first_elapsed)
-        else:  # decided after this process's first step: that step is all there is
+        else:  # decided before any step measured (a step budget's decay came first)
             rate = s.step / max(s.elapsed, 1e-9)
         rate = distributed.broadcast_value(rate)
         budget = time_budget(self.cfg, s.step, distributed.broadcast_value(s.elapsed), rate)
