@@ -164,6 +164,16 @@ def test_rounds_that_never_agree_fail_the_comparison(compare):
         compare.steady({"traduire fp32": lambda a: next(decoding)}, 2, 1, {}, [])
 
 
+def test_with_keep_going_an_unsteady_figure_keeps_all_its_rounds_and_is_named(compare):
+    values = iter([100.0, 200.0, 110.0, 300.0])
+    unsteady, notes = [], []
+    result = compare.steady({"a": lambda a: next(values), "b": lambda a: 5.0}, 2, 1, {}, notes,
+                            unsteady=unsteady)
+    assert result == {"a": [100.0, 200.0, 110.0, 300.0], "b": [5.0, 5.0]}
+    assert unsteady == ["a"] and compare.median_of(result["a"]) == 155.0
+    assert "UNSTEADY, the median of all 4 rounds is reported" in notes[-1]
+
+
 def test_int8_more_than_half_a_bleu_below_fp32_is_flagged(compare, capsys):
     quality = {"traduire fp32 test_2016_flickr": {"bleu": 56.2},
                "traduire int8 test_2016_flickr": {"bleu": 55.9}}

@@ -290,15 +290,18 @@ class Unsteady(RuntimeError):
 
 
 def steady(measures: dict[str, Callable[[int], Any]], rounds: int, retries: int,
-           retry_how: dict[str, str], notes: list[str], tolerance: float = AGREEMENT
-           ) -> dict[str, list[Any]]:
+           retry_how: dict[str, str], notes: list[str], tolerance: float = AGREEMENT,
+           unsteady: list[str] | None = None) -> dict[str, list[Any]]:
     """Each measurement once per round, in turn (A B C A B C ...), `rounds` rounds; then,
     while the rounds of some figure disagree by more than `tolerance`, those figures again
     (`rounds` fresh rounds, alternating among them), up to `retries` times. A measurement is
     called with the attempt number (0 first), so that a retry can warm up for longer
     (`retry_how` says how, for the notes). A figure is a number or a dict of numbers; each
-    number must agree. Raises Unsteady when a figure still disagrees."""
+    number must agree. Raises Unsteady when a figure still disagrees, unless `unsteady` is a
+    list: then the figure keeps every round measured (its median is of them all) and its
+    name goes into the list."""
     results: dict[str, list[Any]] = {}
+    every: dict[str, list[Any]] = {name: [] for name in measures}
     todo = list(measures)
     for attempt in range(retries + 1):
         fresh: dict[str, list[Any]] = {name: [] for name in todo}
@@ -306,12 +309,21 @@ def steady(measures: dict[str, Callable[[int], Any]], rounds: int, retries: int,
             for name in todo:
                 fresh[name].append(measures[name](attempt))
         results.update(fresh)
+        for name, values in fresh.items():
+            every[name] += values
         todo = [name for name in todo if not all(agree(series) for series in
                                                  _series(results[name]))]
         for name in todo:
             worst = max(spread(series) for series in _series(results[name]))
             text = (f"{name}: rounds {_rounds_text(results[name])} differ by {worst:.0%} "
                     f"(more than {tolerance:.0%})")
+            if attempt == retries and unsteady is not None:
+                results[name] = every[name]
+                unsteady.append(name)
+                notes.append(f"{text} after every retry: UNSTEADY, the median of all "
+                             f"{len(every[name])} rounds is reported")
+                print(f"note: {notes[-1]}", file=sys.stderr)
+                continue
             if attempt == retries:
                 raise Unsteady(f"{text} after {retries} retr{'y' if retries == 1 else 'ies'}: "
                                "the machine is not steady enough for this figure (another job? "
@@ -371,6 +383,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per figure")
     parser.add_argument("--retries", type=int, default=2, help="times a figure whose rounds "
                         "disagree is measured again (training: with twice the warm-up)")
+    parser.add_argument("--keep-going", action="store_true", help="report a figure whose rounds "
+                        "still disagree after the retries (marked UNSTEADY: the median of all "
+                        "its rounds) instead of stopping; on a shared or throttled machine")
     parser.add_argument("--train-warmup", type=int, default=50, help="training steps before "
                         "the timed ones (a multiple of 10)")
     parser.add_argument("--train-steps", type=int, default=50, help="timed training steps "
@@ -424,6 +439,9 @@ def measure(args: argparse.Namespace, result: dict[str, Any], traduire: Traduire
             fairseq: Fairseq | None, config: Any) -> None:
     """Fill `result` with every figure."""
     notes = result["notes"]
+    if args.keep_going:
+        result["unsteady"] = []
+    unsteady = result.get("unsteady")
     steps, warmup = args.train_steps, args.train_warmup
     # Training speed: the same steps of the whole loop for every system; a retry doubles the
     # warm-up (oneDNN builds a bf16 kernel per batch shape: the first hundred steps can run at
@@ -440,7 +458,7 @@ def measure(args: argparse.Namespace, result: dict[str, Any], traduire: Traduire
     longer = ", with twice the warm-up"
     if not args.no_training:
         training = steady(measures, args.rounds, args.retries,
-                          dict.fromkeys(measures, longer), notes)
+                          dict.fromkeys(measures, longer), notes, unsteady=unsteady)
         result["training_tgt_tok_per_s"] = {k: median_of(v) for k, v in training.items()}
         result["training_runs"] = training
 
@@ -489,7 +507,7 @@ def measure(args: argparse.Namespace, result: dict[str, Any], traduire: Traduire
             for batch in BATCHINGS}
     again = ", the same way (cold by design)"
     decoding = steady(measures, args.rounds, args.retries, dict.fromkeys(measures, again),
-                      notes)
+                      notes, unsteady=unsteady)
     result["decoding_sentences_per_s"] = {k: median_of(v) for k, v in decoding.items()}
     result["decoding_runs"] = decoding
     result["decoding_warmup"] = "none: a fresh process's first pass, model loaded"
@@ -530,14 +548,16 @@ def finish(result: dict[str, Any]) -> dict[str, Any]:
     train = result.get("training_tgt_tok_per_s", {})
     reference = train.get("fairseq fp32")
     for name, value in train.items():
-        rows.append({"figure": "training tgt tok/s", "system": name, "value": value,
+        marked = f"{name} (UNSTEADY)" if name in result.get("unsteady", []) else name
+        rows.append({"figure": "training tgt tok/s", "system": marked, "value": value,
                      "vs fairseq": round(value / reference, 2) if reference else None})
     decode = result.get("decoding_sentences_per_s", {})
     fairseq_decode = decode.get("fairseq fp32", {})
     ct2_int8 = decode.get("ctranslate2 int8", {})
     for name, speeds in decode.items():
         for batch, value in speeds.items():
-            rows.append({"figure": f"beam-5 sent/s, batch {batch}", "system": name,
+            marked = f"{name} (UNSTEADY)" if name in result.get("unsteady", []) else name
+            rows.append({"figure": f"beam-5 sent/s, batch {batch}", "system": marked,
                          "value": value,
                          "vs fairseq": (round(value / fairseq_decode[batch], 2)
                                         if fairseq_decode.get(batch) else None),
