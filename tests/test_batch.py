@@ -475,19 +475,25 @@ def test_the_next_epoch_is_planned_in_the_background_while_this_one_trains(monke
     plan = StepPlan(batch_tokens=60, seed=3, pad=0, bos=2, eos=3)
     stream = training_steps(corpus, plan)
     first = next(stream)
+    halfway = first.epoch_batches // 2
+    assert halfway >= 2
+    # Epoch 1 is planned from halfway through epoch 0, by another thread.
+    before = [first, *itertools.islice(stream, halfway - 1)]  # steps 0 .. halfway - 1
+    assert planned == [(0, threading.current_thread().name)]
+    before.append(next(stream))  # step halfway: the plan of epoch 1 has begun
     deadline = time.monotonic() + 10
     while len(planned) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    # Epoch 1 is planned before epoch 0's first step is done, by another thread.
     assert planned == [(0, threading.current_thread().name), (1, "traduire-plan")]
-    steps = [first, *itertools.islice(stream, 2 * first.epoch_batches)]
+    steps = [*before, *itertools.islice(stream, 2 * first.epoch_batches - halfway)]
     monkeypatch.undo()
     # The same steps as the plan made in turn: (epoch, batch) in order, the same sentences.
     for step in steps:
         want = original(corpus.src_lens, corpus.tgt_lens, corpus.usable, 60, 3, step.epoch)
         assert np.array_equal(step.src_lengths, corpus.src_lens[want[step.index]])
     assert [s.epoch for s in steps] == [0] * first.epoch_batches + [1] * first.epoch_batches + [2]
-    assert (2, "traduire-plan") in planned and (3, "traduire-plan") in planned
+    # Epoch 2 planned from halfway through epoch 1; epoch 3 not yet (epoch 2 has just begun).
+    assert (2, "traduire-plan") in planned and max(e for e, _ in planned) == 2
 
 
 def test_a_saved_corpus_opens_as_the_same_batches_with_its_ids_left_on_disk(tmp_path):

@@ -388,17 +388,23 @@ def training_steps(data: EncodedCorpus, plan: StepPlan, epoch: int = 0, batch_in
 
     The next epoch's batches are planned in a background thread while this epoch trains
     (seconds at tens of millions of pairs, which would otherwise stall the step at the epoch
-    boundary); the plan depends on (seed, epoch) alone, so it is the same plan."""
+    boundary), from halfway through this one: started at the boundary itself, its work (a sort
+    of every pair's length, then the packing) would slow the steps just after it, on a CPU
+    whose cores compute the step and with Python's interpreter lock shared; from halfway it
+    has half an epoch to finish. The plan depends on (seed, epoch) alone, so it is the same
+    plan."""
 
     def planned(epoch: int) -> list[np.ndarray]:
         return token_batches(data.src_lens, data.tgt_lens, data.usable, plan.batch_tokens,
                              plan.seed, epoch)
 
-    upcoming = _Ahead(lambda: planned(epoch), background=False)
+    batches = planned(epoch)
     while True:
-        batches = upcoming.result()
-        upcoming = _Ahead(lambda epoch=epoch: planned(epoch + 1))
+        halfway = max(batch_in_epoch, len(batches) // 2)
+        upcoming = None
         for index in range(batch_in_epoch, len(batches)):
+            if index == halfway:
+                upcoming = _Ahead(lambda epoch=epoch: planned(epoch + 1))
             global_batch = batches[index]
             slices = np.array_split(np.arange(len(global_batch)),
                                     plan.world_size * plan.accumulate)
@@ -415,6 +421,7 @@ def training_steps(data: EncodedCorpus, plan: StepPlan, epoch: int = 0, batch_in
                 parts.append((batch, weight))
             yield PlannedStep(epoch, index, len(batches), parts, data.src_lens[global_batch],
                               data.tgt_lens[global_batch])
+        batches = upcoming.result() if upcoming else planned(epoch + 1)
         epoch, batch_in_epoch = epoch + 1, 0
 
 
