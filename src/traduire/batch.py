@@ -189,11 +189,15 @@ class EncodedCorpus:
                max_len: int | None, texts: datasets.Dataset | Path | None) -> None:
         self._src, self._tgt, self._texts = src, tgt, texts
         # +1: the EOS appended to the source and to the target (or BOS prepended to its input).
-        self.src_lens = np.asarray(src_len, dtype=np.int64) + 1
-        self.tgt_lens = np.asarray(tgt_len, dtype=np.int64) + 1
-        self.usable = np.arange(len(self.src_lens))
+        # 32-bit lengths and indices: at tens of millions of pairs these arrays, and the epoch
+        # plan's copies of them, are most of what a rank holds beyond the model.
+        self.src_lens = np.asarray(src_len, dtype=np.int32) + 1
+        self.tgt_lens = np.asarray(tgt_len, dtype=np.int32) + 1
+        index = index_dtype(len(self.src_lens))
+        self.usable = np.arange(len(self.src_lens), dtype=index)
         if max_len is not None:
-            self.usable = np.flatnonzero((self.src_lens <= max_len) & (self.tgt_lens <= max_len))
+            self.usable = np.flatnonzero((self.src_lens <= max_len)
+                                         & (self.tgt_lens <= max_len)).astype(index)
 
     def __len__(self) -> int:
         return len(self.usable)
@@ -263,6 +267,11 @@ def save_encoded(dataset: datasets.Dataset, directory: Path, vocab_size: int,
                                          + "\n", encoding="utf-8")
 
 
+def index_dtype(n: int) -> type:
+    """The integer type of positions among `n` pairs: 32 bits while they fit."""
+    return np.int32 if n < 2**31 else np.int64
+
+
 def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, candidates: np.ndarray,
                   batch_tokens: int, seed: int, epoch: int) -> list[np.ndarray]:
     """One epoch's batches of sentence indices, in the order they will be trained on.
@@ -273,7 +282,8 @@ def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, candidates: np.nda
     differently sharded run sees exactly the same batches.
     """
     rng = np.random.default_rng([seed, epoch])
-    tie_break = rng.permutation(len(candidates))
+    # permutation(n) in 32 bits: the same shuffle of 0 .. n-1 as rng.permutation(n).
+    tie_break = rng.permutation(np.arange(len(candidates), dtype=index_dtype(len(candidates))))
     order = candidates[length_order(src_lens[candidates], tgt_lens[candidates], tie_break)]
     sizes = np.maximum(src_lens[order], tgt_lens[order])
     batches = np.split(order, _batch_starts(sizes, batch_tokens)[1:]) if len(order) else []
@@ -296,8 +306,12 @@ def length_order(src_lens: np.ndarray, tgt_lens: np.ndarray, tie_break: np.ndarr
     tgt_bits = int(tgt_lens.max()).bit_length()
     if tie_bits + src_bits + tgt_bits > 63 or min(src_lens.min(), tgt_lens.min()) < 0:
         return np.lexsort((tie_break, src_lens, tgt_lens))
-    key = ((tgt_lens.astype(np.int64) << (src_bits + tie_bits))
-           | (src_lens.astype(np.int64) << tie_bits) | tie_break)
+    # Built in place: one 64-bit array, however many pairs.
+    key = tgt_lens.astype(np.int64)
+    key <<= src_bits
+    key |= src_lens
+    key <<= tie_bits
+    key |= tie_break
     return np.argsort(key)
 
 
