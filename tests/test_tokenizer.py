@@ -266,6 +266,29 @@ def test_the_scores_sampled_from_are_sentencepieces(tmp_path):
                                                                           abs=1e-4)
 
 
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 1.0])
+def test_each_sentence_draws_by_its_own_weights(tmp_path, alpha):
+    """The batch-at-once draw against the rule written sentence by sentence: candidate k of a
+    sentence is taken when its cumulative weight P^alpha is the first to exceed u times the
+    total (Kudo 2018's l-best sampling)."""
+    sampler = sampler_for(tmp_path, alpha=alpha, max_len=12)
+    processor, log_probs = sampler.tokenizer.src, sampler._log_probs["src"]
+    batch = np.arange(150)
+    for epoch, index in [(0, 0), (1, 3), (4, 2)]:
+        sampled = sampler(epoch, index, batch, np.arange(150))[0]
+        texts = sampler.corpus.texts(batch, "src")
+        draws = np.random.default_rng([1, epoch, index, SubwordSampler.STREAM]).random((2, 150))
+        expected = []
+        for text, u in zip(texts, draws[0]):
+            nbest = [ids for ids in processor.nbest_encode(text, nbest_size=8) if len(ids) < 12]
+            nbest = nbest or processor.nbest_encode(text, nbest_size=1)
+            weights = np.exp(alpha * np.array([log_probs[ids].sum() for ids in nbest]))
+            k = int(np.searchsorted(np.cumsum(weights), u * weights.sum(), side="right"))
+            expected.append(nbest[min(k, len(nbest) - 1)])
+        assert sampled == sampler.tokenizer.ids_of("src", expected)
+    assert sampler.sample([], "src", np.zeros(0)) == []
+
+
 def test_a_sampled_segmentation_never_outgrows_the_model(tmp_path):
     sampler = sampler_for(tmp_path, alpha=0.0001, max_len=8)  # all but uniform over the list
     batch = np.arange(200)

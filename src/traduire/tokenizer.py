@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing
 import re
@@ -184,16 +185,36 @@ class SubwordSampler:
         return src, tgt
 
     def sample(self, texts: list[str], side: str, draws: np.ndarray) -> list[list[int]]:
-        """One segmentation of each text ("src" or "tgt" side), chosen by its draw in [0, 1)."""
+        """One segmentation of each text ("src" or "tgt" side), chosen by its draw in [0, 1).
+
+        The whole batch's n-best lists are weighed at once, as flat arrays: a loop over each
+        sentence's candidates in Python cost as much as the n-best search itself and, in the
+        thread that builds batches, held the interpreter lock the training step needs."""
+        if not texts:
+            return []
         processor, log_probs = self.tokenizer.processor(side), self._log_probs[side]
-        chosen = []
-        for nbest, u in zip(processor.nbest_encode(texts, nbest_size=self.nbest), draws):
-            fits = [ids for ids in nbest if len(ids) < self.max_len] or nbest[:1] or [[]]
-            scores = np.array([log_probs[ids].sum() for ids in fits])
-            weights = np.cumsum(np.exp(self.alpha * (scores - scores.max())))
-            pick = min(int(np.searchsorted(weights, u * weights[-1], side="right")), len(fits) - 1)
-            chosen.append(fits[pick])
-        return self.tokenizer.ids_of(side, chosen)
+        fits = [[ids for ids in nbest if len(ids) < self.max_len] or nbest[:1] or [[]]
+                for nbest in processor.nbest_encode(texts, nbest_size=self.nbest)]
+        candidates = [ids for nbest in fits for ids in nbest]
+        counts = np.fromiter(map(len, fits), dtype=np.int64, count=len(fits))
+        first = np.cumsum(counts) - counts  # each sentence's first candidate
+        # log P(segmentation): the sum of its pieces' log-probabilities
+        lengths = np.fromiter(map(len, candidates), dtype=np.int64, count=len(candidates))
+        pieces = np.fromiter(itertools.chain.from_iterable(candidates), dtype=np.int64,
+                             count=int(lengths.sum()))
+        running = np.concatenate([[0.0], np.cumsum(log_probs[pieces])])
+        ends = np.cumsum(lengths)
+        scores = running[ends] - running[ends - lengths]
+        # weights P^alpha, relative to each sentence's best; the draw u picks the first
+        # candidate whose cumulative weight exceeds u times the sentence's total
+        sentence = np.repeat(np.arange(len(fits)), counts)
+        weights = np.exp(self.alpha * (scores - np.maximum.reduceat(scores, first)[sentence]))
+        cumulative = np.cumsum(weights)
+        before = (cumulative[first] - weights[first])[sentence]
+        within, total = cumulative - before, (cumulative[first + counts - 1] - before[first])
+        below = within <= (draws * total)[sentence]
+        pick = np.minimum(np.add.reduceat(below.astype(np.int64), first), counts - 1)
+        return self.tokenizer.ids_of(side, [candidates[i] for i in first + pick])
 
 
 def _log_probs(processor: spm.SentencePieceProcessor) -> np.ndarray:
