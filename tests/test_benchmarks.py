@@ -207,6 +207,7 @@ TINY_RUNS = {
     "scale_run": ["--tiny"],
     "loss_memory": ["--tiny", "--threads", "1"],
     "aten_calls": ["--tiny", "--threads", "1"],
+    "recipe_search": ["--tiny", "--cores", "2"],  # two candidates at once, a thread each
     # The one-call GPU benchmark (in scripts/, not scripts/bench/), tiny shapes on the CPU.
     "gpu_bench": ["--dry-run", "--models", "multi30k"],
 }
@@ -333,6 +334,30 @@ def test_quality_tiny_trains_for_its_budget_and_scores_both_test_sets(tiny_runs)
         assert 0 <= r["bleu"] <= 100 and 0 <= r["chrf"] <= 100
         assert r["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
     assert Path(record["checkpoint"]).name.startswith("step_")  # --checkpoint last
+
+
+@tiny("recipe_search")
+def test_recipe_search_tiny_scores_candidates_on_validation_and_tests_only_when_asked(
+        tiny_runs):
+    record, out, _ = output_of(tiny_runs, "recipe_search")
+    first, second = record["candidates"]
+    assert (first["candidate"], second["candidate"]) == ("inverse_sqrt", "budget")
+    assert first["train_threads"] == second["train_threads"] == 1  # the cores shared
+    assert second["overrides"] == ["train.schedule=budget"] and not first["overrides"]
+    for candidate in (first, second):
+        assert candidate["steps"] > 0 and candidate["budget"] == "3s"
+        losses = [loss for _, loss in candidate["valid_curve"]]
+        assert candidate["best_valid_loss"] == min(losses)
+        assert candidate["last_valid_loss"] == losses[-1]
+        assert candidate["last_vs_best"] >= 0
+        assert 0 <= candidate["valid_bleu"] <= 100 and 0 <= candidate["valid_chrf"] <= 100
+    # Only the budget schedule decides an end step, recorded in metrics.jsonl.
+    assert first["schedule"] is None and second["schedule"]["schedule"] == "budget"
+    tests = record["tests"]
+    assert tests["candidate"] == "budget"
+    assert 0 <= tests["test_2016_flickr_bleu"] <= 100
+    assert 0 <= tests["test_2017_flickr_chrf"] <= 100
+    assert "valid_bleu" in out and "budget" in out  # the table
 
 
 @tiny("step_overhead")

@@ -18,6 +18,11 @@ another, at the price of fewer steps each than one run with every core. --avx2 r
 to AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2), the
 stand-in for a CPU without AVX-512 or bf16. Results go to OUT/results.jsonl, one line per
 candidate; a candidate already there is not trained again.
+
+With --peers PEERS (where ../shared/benchmarks/peers/fairseq/setup.sh built fairseq), a
+candidate named `fairseq` is fairseq 0.12.2 trained as compare.py trains it (the same model,
+batch, learning rate and warmup as the config, fp32) for the same budget, in its round beside
+the others with the same threads, and scored alike on Multi30k's val and tests.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
@@ -49,14 +55,16 @@ from common import (  # noqa: E402
     print_table,
     write_tiny_corpus,
 )
+from compare import Fairseq  # noqa: E402
 
-from traduire.config import load_config  # noqa: E402
+from traduire.config import load_config, parse_duration  # noqa: E402
 from traduire.evaluate import score  # noqa: E402
 from traduire.files import read_text_lines  # noqa: E402
 from traduire.pipeline import prepare  # noqa: E402
 from traduire.translate import DecodeOptions, Translator  # noqa: E402
 
 PREPARED = "_prepared"
+FAIRSEQ = "fairseq"  # the candidate name of the peer, with --peers
 
 
 def main() -> None:
@@ -78,6 +86,8 @@ def main() -> None:
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--avx2", action="store_true",
                         help="restrict torch to AVX2 (the stand-in for an AVX2-only CPU)")
+    parser.add_argument("--peers", type=Path, default=None,
+                        help="fairseq's peer directory: a candidate named fairseq trains it")
     parser.add_argument("--score-tests", nargs="+", metavar="NAME", default=None,
                         help="score these candidates' test sets (after the search)")
     parser.add_argument("--tiny", action="store_true",
@@ -96,9 +106,13 @@ def main() -> None:
         print_table(rows, ["candidate", "test", "bleu", "chrf", "checkpoint"])
         return
     results = search(args)
-    print_table(results, ["candidate", "steps", "best_valid_loss", "last_valid_loss",
-                          "last_vs_best", "checkpoint", "valid_bleu", "valid_chrf"])
-    if tiny_dir is not None:
+    print_table(results, ["candidate", "steps", "best_step", "best_valid_loss",
+                          "last_valid_loss", "last_vs_best", "checkpoint", "valid_bleu",
+                          "valid_chrf"])
+    if tiny_dir is not None:  # the test sets of one candidate too, as --score-tests does
+        tests = score_tests(args, "budget")
+        print(json.dumps({"benchmark": "recipe_search", "candidates": results,
+                          "tests": tests}))
         shutil.rmtree(tiny_dir, ignore_errors=True)
 
 
@@ -121,18 +135,20 @@ def search(args: argparse.Namespace) -> list[dict]:
     if todo and not (prepared / "stages" / "tokenizer.json").exists():
         prepare(args.config, prepared, base)
     threads = max(1, args.cores // args.parallel)
+    fairseq = peer(args, threads) if any(c[0] == FAIRSEQ for c in todo) else None
     for start in range(0, len(todo), args.parallel):
         round_ = todo[start:start + args.parallel]
-        runs = [launch(args, name, [*base, f"train.threads={threads}", *overrides])
-                for name, *overrides in round_]
-        for (name, *_), process in zip(round_, runs, strict=True):
-            if process.wait() != 0:
-                sys.exit(f"candidate {name}: training failed (log in "
-                         f"{args.out / name / 'search.log'})")
+        with ThreadPoolExecutor(len(round_)) as pool:
+            runs = [pool.submit(train_fairseq, args, fairseq) if name == FAIRSEQ else
+                    pool.submit(train, args, name, [*base, f"train.threads={threads}", *overrides])
+                    for name, *overrides in round_]
+            for future in runs:
+                future.result()
         for name, *overrides in round_:
+            scores = score_fairseq(args, fairseq) if name == FAIRSEQ else score_valid(args, name)
             result = {"candidate": name, "overrides": overrides, "budget": args.budget,
                       "parallel": args.parallel, "train_threads": threads,
-                      "avx2_only": args.avx2, **score_valid(args, name), **machine()}
+                      "avx2_only": args.avx2, **scores, **machine()}
             done[name] = result
             with results_file.open("a") as f:
                 f.write(json.dumps(result) + "\n")
@@ -140,8 +156,8 @@ def search(args: argparse.Namespace) -> list[dict]:
     return [done[c[0]] for c in args.candidate if c[0] in done] or list(done.values())
 
 
-def launch(args: argparse.Namespace, name: str, overrides: list[str]) -> subprocess.Popen:
-    """Start `traduire train` for one candidate in OUT/NAME, seeded with the prepared stages."""
+def train(args: argparse.Namespace, name: str, overrides: list[str]) -> None:
+    """`traduire train` for one candidate in OUT/NAME, seeded with the prepared stages."""
     run_dir = args.out / name
     if not run_dir.exists():
         shutil.copytree(args.out / PREPARED, run_dir)
@@ -149,9 +165,36 @@ def launch(args: argparse.Namespace, name: str, overrides: list[str]) -> subproc
                "--run-dir", str(run_dir)]
     for override in ["train.progress=false", *overrides]:
         command += ["--set", override]
-    log = (run_dir / "search.log").open("a")
     print(f"{name}: {' '.join(command)}", flush=True)
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    with (run_dir / "search.log").open("a") as log:
+        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+            sys.exit(f"candidate {name}: training failed (log in {run_dir / 'search.log'})")
+
+
+def peer(args: argparse.Namespace, threads: int) -> Fairseq:
+    """fairseq, its data binarised before any round starts (not inside a round's budget)."""
+    if not Fairseq.installed(args.peers):
+        sys.exit(f"a candidate named {FAIRSEQ} needs --peers: the directory where "
+                 "../shared/benchmarks/peers/fairseq/setup.sh built fairseq")
+    fairseq = Fairseq(args.peers.resolve(), (args.out / FAIRSEQ).resolve(),
+                      Path(data_overrides(args)[0].split("=", 1)[1]), threads)
+    fairseq.prepare()
+    return fairseq
+
+
+def train_fairseq(args: argparse.Namespace, fairseq: Fairseq) -> None:
+    config = load_config(args.config)
+    print(f"{FAIRSEQ}: fairseq-train for {args.budget}", flush=True)
+    fairseq.train(parse_duration(args.budget), config.train.warmup_steps, config.train.lr)
+
+
+def score_fairseq(args: argparse.Namespace, fairseq: Fairseq) -> dict:
+    """fairseq's updates and its last checkpoint's beam-5 scores on val (its `valid` subset)."""
+    checkpoint, updates = fairseq.train(parse_duration(args.budget), 0, 0.0)  # trained: reused
+    _, hypotheses = fairseq.decode(checkpoint, "valid", False)
+    scores = score(hypotheses, read_text_lines(fairseq.data / "val.fr"))
+    return {"steps": updates, "checkpoint": checkpoint.name,
+            "valid_bleu": round(scores["bleu"], 2), "valid_chrf": round(scores["chrf"], 2)}
 
 
 def score_valid(args: argparse.Namespace, name: str) -> dict:
@@ -173,11 +216,14 @@ def score_valid(args: argparse.Namespace, name: str) -> dict:
             "last_valid_loss": last, "last_vs_best": round(last / best - 1, 4),
             "checkpoint": translator.checkpoint.name, "valid_bleu": round(scores["bleu"], 2),
             "valid_chrf": round(scores["chrf"], 2),
+            "schedule": next((r for r in records if "schedule" in r), None),
             "valid_curve": [(r["step"], r["valid_loss"]) for r in valid]}
 
 
-def score_tests(args: argparse.Namespace, name: str) -> list[dict] | dict:
+def score_tests(args: argparse.Namespace, name: str) -> dict:
     """The test sets of one candidate, with the checkpoint translate picks by default."""
+    if name == FAIRSEQ:
+        return score_fairseq_tests(args)
     run_dir = args.out / name
     translator = Translator.load(run_dir, device="cpu")
     torch.set_num_threads(args.cores)
@@ -200,6 +246,24 @@ def score_tests(args: argparse.Namespace, name: str) -> list[dict] | dict:
     row.update(test=", ".join(t for t, _, _ in tests),
                bleu=" / ".join(str(row[f"{t}_bleu"]) for t, _, _ in tests),
                chrf=" / ".join(str(row[f"{t}_chrf"]) for t, _, _ in tests))
+    with (args.out / "tests.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def score_fairseq_tests(args: argparse.Namespace) -> dict:
+    fairseq = peer(args, args.cores)
+    checkpoint, _ = fairseq.train(parse_duration(args.budget), 0, 0.0)  # trained: reused
+    row: dict = {"candidate": FAIRSEQ, "checkpoint": checkpoint.name}
+    for test, subset in zip(TESTS, ("test", "test1"), strict=True):  # preprocess.sh's names
+        _, hypotheses = fairseq.decode(checkpoint, subset, False)
+        scores = score(hypotheses, read_text_lines(fairseq.data / f"{test}.fr"))
+        row.update({f"{test}_bleu": round(scores["bleu"], 2),
+                    f"{test}_chrf": round(scores["chrf"], 2),
+                    "signature": scores["signature"]["bleu"]})
+    row.update(test=", ".join(TESTS), bleu=" / ".join(str(row[f"{t}_bleu"]) for t in TESTS),
+               chrf=" / ".join(str(row[f"{t}_chrf"]) for t in TESTS))
     with (args.out / "tests.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
