@@ -32,8 +32,19 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed unavailable")
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRADUIRE_DIST_TIMEOUT": "60"}
+# PYTHONFAULTHANDLER: a rank that crashes (SIGABRT, SIGSEGV) prints its threads' stacks.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRADUIRE_DIST_TIMEOUT": "60",
+       "PYTHONFAULTHANDLER": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def ranks_output(result: subprocess.CompletedProcess) -> str:
+    """What a failed launch's ranks printed: the end of stderr without torchrun's own report
+    of the failure (a Python traceback and a table), which would fill a short tail."""
+    text = result.stderr
+    report = text.find("torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
+    start = text.rfind("Traceback (most recent call last)", 0, max(report, 0))
+    return text[:start if start != -1 else None][-6000:]
 
 
 def torchrun(nproc: int, args: list[str], timeout: float = 240, script: Path | None = None,
@@ -71,7 +82,7 @@ def test_two_ranks_with_half_batches_equal_one_rank_with_whole(tmp_path, corpus_
                                        valid_every=2)
     run(load_config(config_path), tmp_path / "one")
     result = torchrun(2, ["train", "-c", str(config_path), "-r", str(tmp_path / "two")])
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, ranks_output(result)
     single, double = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert_same_weights(single, double)
     # The second step really moved the weights, so the comparison is not vacuous.
@@ -91,7 +102,7 @@ def test_two_ranks_sample_and_decide_a_budget_as_one_rank_does(tmp_path, corpus_
     config_path = write_config(tmp_path / "sampled.yaml", settings)
     run(load_config(config_path), tmp_path / "one")
     result = torchrun(2, ["train", "-c", str(config_path), "-r", str(tmp_path / "two")])
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, ranks_output(result)
     assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
     for name in ("one", "two"):
         records = [json.loads(line) for line in
@@ -108,7 +119,7 @@ def test_resume_at_another_world_size_continues_the_same_run(tmp_path, corpus_di
     # World size 2 stops at step 3 (as if killed after its checkpoint) ...
     result = torchrun(2, ["train", "-c", str(config_path), "-r", str(tmp_path / "moved"),
                           "--set", "train.max_steps=3"])
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, ranks_output(result)
     saved = load_checkpoint(step_checkpoints(tmp_path / "moved" / "checkpoints")[-1])
     assert saved["train_state"]["step"] == 3 and saved["world_size"] == 2
     # ... and world size 1 continues from step 3 to 6 over the same batches.
@@ -231,7 +242,7 @@ class DropoutRuns:
 def dropout_runs(tmp_path_factory) -> DropoutRuns:
     runs = DropoutRuns(tmp_path_factory.mktemp("dropout"))
     result = torchrun(2, runs.train_args(runs.straight), script=runs.script)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, ranks_output(result)
     state = load_checkpoint(step_checkpoints(runs.straight / "checkpoints")[-1])["train_state"]
     assert (state["epoch"], state["batch_in_epoch"]) == (1, 2)
     return runs
@@ -345,7 +356,7 @@ def test_the_two_machine_run_resumes_on_one_machine_exactly(dropout_runs, preemp
     run_dir = tmp_path / "run"
     shutil.copytree(preempted.run_dir, run_dir)
     result = torchrun(2, dropout_runs.train_args(run_dir), script=dropout_runs.script)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, ranks_output(result)
     assert f"resuming at step {HALF}" in result.stderr
     assert_same_run(run_dir, dropout_runs.straight)
 
@@ -455,7 +466,7 @@ def test_three_ranks_resume_rank_0s_checkpoint_and_refuse_a_rank_that_read_anoth
     # By default rank 0 reads and the others receive its state: rank 2's view never matters,
     # and the run continues as the one that never stopped.
     result = torchrun(3, ["train", "-c", str(config_path), "-r", str(run_dir)], script=script)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, ranks_output(result)
     assert "resuming at step 4" in result.stderr
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(run_dir))
 

@@ -167,6 +167,7 @@ def train(run_dir: RunDir, config: ConfigFile = None, set_: Overrides = None,
 
     try:
         state = pipeline.train(_config(run_dir, config, set_), run_dir, overwrite=overwrite)
+        distributed.shutdown(together=True)
     except TrainingInterrupted as stop:
         again = ("the same torchrun command" if int(os.environ.get("WORLD_SIZE", "1")) > 1
                  else f"traduire train --run-dir {run_dir}")

@@ -423,9 +423,15 @@ def failed_elsewhere(error: Exception) -> bool:
                                      "remote worker crashing", "NCCL communicator was aborted"))
 
 
-def shutdown() -> None:
+def shutdown(together: bool = False) -> None:
+    """Leave the process group. `together` (a run that ended the same way on every rank): wait
+    for every rank first, so that none closes its connections while another still reads or
+    writes on them; gloo ends a process with SIGABRT when a connection closes under it. Not
+    after an error: a rank that died would keep the others waiting until the timeout."""
     global _control_group
     if _active():
+        if together:
+            dist.barrier(group=_control_group)
         dist.destroy_process_group()
     _control_group = None
 
