@@ -235,35 +235,35 @@ def score_tests(args: argparse.Namespace, name: str) -> dict:
         data = run_dir / "data"  # the held-out split as `traduire eval` reads it
         tests = [("test", data / f"test.{config.data.src_lang}",
                   data / f"test.{config.data.tgt_lang}")]
-    row: dict = {"candidate": name, "checkpoint": translator.checkpoint.name}
-    for test, src, ref in tests:
-        hypotheses = [t.best for t in translator.translate_lines(
-            read_text_lines(src), DecodeOptions(beam=args.beam))]
-        scores = score(hypotheses, read_text_lines(ref))
-        row.update({f"{test}_bleu": round(scores["bleu"], 2),
-                    f"{test}_chrf": round(scores["chrf"], 2)})
-        row["signature"] = scores["signature"]["bleu"]
-    row.update(test=", ".join(t for t, _, _ in tests),
-               bleu=" / ".join(str(row[f"{t}_bleu"]) for t, _, _ in tests),
-               chrf=" / ".join(str(row[f"{t}_chrf"]) for t, _, _ in tests))
-    with (args.out / "tests.jsonl").open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(json.dumps(row), flush=True)
-    return row
+    outputs = [(test, [t.best for t in translator.translate_lines(
+                    read_text_lines(src), DecodeOptions(beam=args.beam))], read_text_lines(ref))
+               for test, src, ref in tests]
+    return record_tests(args, name, translator.checkpoint.name, outputs)
 
 
 def score_fairseq_tests(args: argparse.Namespace) -> dict:
     fairseq = peer(args, args.cores)
     checkpoint, _ = fairseq.train(parse_duration(args.budget), 0, 0.0)  # trained: reused
-    row: dict = {"candidate": FAIRSEQ, "checkpoint": checkpoint.name}
-    for test, subset in zip(TESTS, ("test", "test1"), strict=True):  # preprocess.sh's names
-        _, hypotheses = fairseq.decode(checkpoint, subset, False)
-        scores = score(hypotheses, read_text_lines(fairseq.data / f"{test}.fr"))
+    # ("test", "test1"): preprocess.sh's names of the two test sets
+    outputs = [(test, fairseq.decode(checkpoint, subset, False)[1],
+                read_text_lines(fairseq.data / f"{test}.fr"))
+               for test, subset in zip(TESTS, ("test", "test1"), strict=True)]
+    return record_tests(args, FAIRSEQ, checkpoint.name, outputs)
+
+
+def record_tests(args: argparse.Namespace, name: str, checkpoint: str,
+                 outputs: list[tuple[str, list[str], list[str]]]) -> dict:
+    """One candidate's row of test scores from its (test, hypotheses, references), appended to
+    OUT/tests.jsonl and printed."""
+    row: dict = {"candidate": name, "checkpoint": checkpoint}
+    for test, hypotheses, references in outputs:
+        scores = score(hypotheses, references)
         row.update({f"{test}_bleu": round(scores["bleu"], 2),
                     f"{test}_chrf": round(scores["chrf"], 2),
                     "signature": scores["signature"]["bleu"]})
-    row.update(test=", ".join(TESTS), bleu=" / ".join(str(row[f"{t}_bleu"]) for t in TESTS),
-               chrf=" / ".join(str(row[f"{t}_chrf"]) for t in TESTS))
+    names = [test for test, _, _ in outputs]
+    row.update(test=", ".join(names), bleu=" / ".join(str(row[f"{t}_bleu"]) for t in names),
+               chrf=" / ".join(str(row[f"{t}_chrf"]) for t in names))
     with (args.out / "tests.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
