@@ -343,7 +343,8 @@ def test_recipe_search_tiny_scores_candidates_on_validation_and_tests_only_when_
     first, second = record["candidates"]
     assert (first["candidate"], second["candidate"]) == ("inverse_sqrt", "budget")
     assert first["train_threads"] == second["train_threads"] == 1  # the cores shared
-    assert second["overrides"] == ["train.schedule=budget"] and not first["overrides"]
+    assert first["overrides"] == ["train.schedule=inverse_sqrt"]
+    assert second["overrides"] == ["train.schedule=budget"]
     for candidate in (first, second):
         assert candidate["steps"] > 0 and candidate["budget"] == "3s"
         losses = [loss for _, loss in candidate["valid_curve"]]
