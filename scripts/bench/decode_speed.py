@@ -58,7 +58,9 @@ def decode_all(translator: Translator, lines: list[str], options: DecodeOptions
 def _parallel_worker(run_dir: Path, engine: str, engine_dir: Path | None,
                      checkpoint: Path | None, precision: str, threads: int, lines: list[str],
                      options: DecodeOptions, ready: Any, results: Any) -> None:
-    """One process of decode_parallel: load the model, wait for the others, translate."""
+    """One process of decode_parallel: load the model, wait for the others, translate. A
+    spawned process starts with none of the parent's settings: apply them as the parent did."""
+    apply_runtime_settings()
     torch.set_num_threads(threads)
     translator = load_translator(run_dir, engine=engine, engine_dir=engine_dir,
                                  checkpoint=checkpoint, device="cpu", precision=precision)

@@ -49,6 +49,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _GLIBC_DEFAULTS = {_M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 128 * 1024}
 _allocator_tuned = False
+_configured = False
 
 
 def configure_runtime() -> None:
@@ -56,8 +57,17 @@ def configure_runtime() -> None:
     the oneDNN kernel cache and the glibc allocator (see below). Results are identical with or
     without them. Call it early, before torch first computes in bf16, to get the same speed
     from Python. TRADUIRE_SYSTEM_MALLOC=1 leaves the allocator alone."""
+    global _configured
     tune_onednn()
     tune_allocator()
+    _configured = True
+
+
+def runtime_configured() -> bool:
+    """Whether configure_runtime ran in this process: the processes it starts (translate's
+    workers) then apply it too, since a spawned process inherits the environment but not the
+    allocator's settings."""
+    return _configured
 
 
 def tune_allocator() -> bool:
